@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny models built from configs with random weights, and a tiny tokenizer.
+
+Nothing here touches the network. Two architectures cover the two layouts the package must handle:
+GPT-2 (``Conv1D`` layers, q/k/v fused in ``c_attn``) and Llama (``nn.Linear`` layers, grouped-query
+attention with fewer key/value heads than query heads).
+"""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PEFT_LAB_QUICK", "1")
+
+WORDS = (
+    "[PAD] [UNK] [BOS] [EOS] review sentiment positive negative the a film was great bad "
+    "not good terrible loved hated it . , : is of capital france paris water boils at 100 "
+    "degrees and i this movie food app book hotel very really quite but so"
+).split()
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]"
+    )
+
+
+def make_tiny_gpt2(vocab_size=len(WORDS)):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=4,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def make_tiny_llama(vocab_size=len(WORDS)):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=0, bos_token_id=2, eos_token_id=3, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return make_tiny_gpt2()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def tiny_model(request):
+    """Both tiny architectures, one after the other."""
+    return make_tiny_gpt2() if request.param == "gpt2" else make_tiny_llama()
