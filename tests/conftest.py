@@ -15,7 +15,8 @@ os.environ.setdefault("PEFT_LAB_QUICK", "1")
 WORDS = (
     "[PAD] [UNK] [BOS] [EOS] review sentiment positive negative the a film was great bad "
     "not good terrible loved hated it . , : is of capital france paris water boils at 100 "
-    "degrees and i this movie food app book hotel very really quite but so"
+    "degrees and i this movie food app book hotel very really quite but so Review Sentiment "
+    "The Paris Water"
 ).split()
 
 
@@ -38,7 +39,8 @@ def make_tiny_gpt2(vocab_size=len(WORDS)):
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=4,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0)
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, pad_token_id=0,
+                     bos_token_id=2, eos_token_id=3)
     return GPT2LMHeadModel(cfg).eval()
 
 
