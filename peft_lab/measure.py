@@ -129,7 +129,13 @@ def prose_stats(base, tuned, tokenizer, prose: str, max_tokens: int) -> dict:
 
 def eval_sizes() -> dict:
     """How much of the forgetting material to use: all of it, or a slice in quick mode."""
-    return {"probes": 48, "prose_tokens": 512} if data_mod.quick_mode() else {"probes": None, "prose_tokens": 4096}
+    return {"prose_tokens": 512} if data_mod.quick_mode() else {"prose_tokens": 4096}
+
+
+def probe_set() -> list:
+    """The probes the measurements use: all of them, or in quick mode every fifth (all topics stay in)."""
+    probes = data_mod.load_probes()
+    return probes[::5] if data_mod.quick_mode() else probes
 
 
 def forgetting(base, tuned, tokenizer, probes=None, prose: str | None = None, base_scores=None) -> dict:
@@ -138,7 +144,7 @@ def forgetting(base, tuned, tokenizer, probes=None, prose: str | None = None, ba
     ``base_scores`` (from ``score_probes(base, ...)``) can be passed to avoid scoring the base twice.
     """
     sizes = eval_sizes()
-    probes = probes if probes is not None else data_mod.load_probes()[: sizes["probes"]]
+    probes = probes if probes is not None else probe_set()
     prose = prose if prose is not None else data_mod.load_prose()
     base_scores = base_scores or score_probes(base, tokenizer, probes)
     tuned_scores = score_probes(tuned, tokenizer, probes)

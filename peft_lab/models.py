@@ -129,9 +129,11 @@ def load(name: str | None = None, device: torch.device | str | None = None):
     ``KNOWN_MODELS``; a hub id; or a local folder. The model comes back in fp32, in eval mode, on
     ``device`` (default: ``pick_device()``), with a padding token set and padding on the right.
     """
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve(name)
+    transformers.utils.logging.disable_progress_bar()  # a one-second load needs no progress bar
     device = torch.device(device) if device is not None else pick_device()
     started = time.perf_counter()
     try:

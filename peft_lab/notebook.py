@@ -1,0 +1,69 @@
+"""Small helpers the notebooks share: the environment check, showing the package's own source,
+comparing tensors, and checking exercises.
+
+Used in every notebook's first cells.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import platform
+
+import torch
+
+from . import data as data_mod
+from . import models
+
+
+def setup(seed: int = 0) -> dict:
+    """Print versions, device and quick mode; seed everything; return the facts as a dict."""
+    torch.manual_seed(seed)
+    device = models.pick_device()
+    facts = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "datasets", "ipywidgets", "matplotlib"):
+        try:
+            facts[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            facts[pkg] = "not installed"
+    facts["device"] = str(device) + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
+    facts["compute dtype"] = str(models.compute_dtype(device)).replace("torch.", "")
+    facts["quick mode"] = data_mod.quick_mode()
+    facts["cpu threads"] = torch.get_num_threads()
+    width = max(map(len, facts))
+    for key, value in facts.items():
+        print(f"{key:<{width}}  {value}")
+    return facts
+
+
+def show_source(obj) -> None:
+    """Display the package's real source of ``obj``, so the text and the code cannot drift apart."""
+    from IPython.display import Code, display
+
+    display(Code(inspect.getsource(obj), language="python"))
+
+
+def cmp(label: str, ours: torch.Tensor, reference: torch.Tensor, atol: float = 1e-5) -> bool:
+    """Print whether two tensors are exactly equal, approximately equal, and their largest difference."""
+    exact = torch.equal(ours, reference)
+    approx = torch.allclose(ours, reference, atol=atol, rtol=0)
+    maxdiff = (ours - reference).abs().max().item()
+    print(f"{label:<40} exact: {str(exact):5} | approximate (atol {atol:g}): {str(approx):5} | max diff: {maxdiff:.2e}")
+    return approx
+
+
+def check(name: str, answer, expected, tol: float = 1e-6) -> None:
+    """Check an exercise answer against the expected value; prints a verdict instead of raising."""
+    if answer is None or answer is ...:
+        print(f"{name}: not answered yet - replace the ... with your answer.")
+        return
+    if torch.is_tensor(expected):
+        ok = torch.is_tensor(answer) and answer.shape == expected.shape and torch.allclose(answer.float(), expected.float(), atol=tol)
+    elif isinstance(expected, float):
+        ok = abs(float(answer) - expected) <= tol * max(1.0, abs(expected))
+    else:
+        ok = answer == expected
+    print(f"{name}: {'correct' if ok else 'not yet - try again'}")
+
+
+def mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2 ** 20:,.1f} MiB"

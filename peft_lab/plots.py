@@ -1,0 +1,103 @@
+"""The workbook's figures (matplotlib). Each function draws on the axes it is given, or makes its own.
+
+Used from notebook 00 onwards; every figure is drawn from measured run records, never typed-in numbers.
+"""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+
+from . import measure
+
+MEMORY_PARTS = ("weights", "gradients", "optimizer", "activations")
+COLORS = {"weights": "#8da0cb", "gradients": "#fc8d62", "optimizer": "#66c2a5", "activations": "#e78ac3"}
+
+
+def _axes(ax, size=(6, 3.5)):
+    if ax is None:
+        _, ax = plt.subplots(figsize=size)
+    return ax
+
+
+def _label(run) -> str:
+    return getattr(run, "label", None) or run.method
+
+
+def loss_curves(runs, ax=None, smooth: int = 5):
+    """Training loss against step, one line per run (a running mean over ``smooth`` steps)."""
+    ax = _axes(ax)
+    for run in runs if isinstance(runs, (list, tuple)) else [runs]:
+        losses = run.losses
+        k = max(1, min(smooth, len(losses)))
+        mean = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1]) for i in range(len(losses))]
+        ax.plot(range(1, len(losses) + 1), mean, label=_label(run))
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("Loss (running mean)")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def memory_breakdown(runs, ax=None):
+    """Stacked bars of measured training memory per run, with the textbook prediction marked."""
+    runs = runs if isinstance(runs, (list, tuple)) else [runs]
+    ax = _axes(ax, (max(5, 1.6 * len(runs)), 3.8))
+    mib = 2 ** 20
+    for i, run in enumerate(runs):
+        bottom = 0.0
+        for part in MEMORY_PARTS:
+            value = run.memory[part] / mib
+            ax.bar(i, value, bottom=bottom, color=COLORS[part], label=part if i == 0 else None)
+            bottom += value
+        table = measure.memory_table(run)
+        ax.plot([i - 0.4, i + 0.4], [table["textbook prediction MiB"]] * 2, "k--",
+                label="textbook: 4 B/param + 12 B/trainable param" if i == 0 else None)
+    ax.set_xticks(range(len(runs)), [_label(r) for r in runs], rotation=20, ha="right")
+    ax.set_ylabel("MiB")
+    ax.set_title("Training memory, measured in a real step")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def comparison(runs, title: str = "Methods compared"):
+    """Four panels: trainable parameters, test accuracy, seconds per step, forgetting (KL)."""
+    rows = measure.comparison_rows(runs)
+    labels = [_label(r) for r in runs]
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    panels = [("trainable", "trainable parameters (log)", True), ("accuracy", "test accuracy", False),
+              ("s/step", "seconds per step", False), ("KL", "forgetting: KL(base || tuned) per token", False)]
+    for ax, (key, name, log) in zip(axes, panels):
+        ax.bar(range(len(rows)), [r[key] for r in rows], color="#4c72b0")
+        ax.set_xticks(range(len(rows)), labels, rotation=25, ha="right", fontsize=8)
+        ax.set_title(name, fontsize=10)
+        if log:
+            ax.set_yscale("log")
+        if key == "accuracy":
+            ax.set_ylim(0, 1)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def scatter(runs, x: str, y: str, ax=None, annotate: bool = True):
+    """One point per run: e.g. accuracy against forgetting, or accuracy against trainable parameters."""
+    rows = measure.comparison_rows(runs)
+    ax = _axes(ax, (5, 3.5))
+    ax.scatter([r[x] for r in rows], [r[y] for r in rows])
+    if annotate:
+        for run, r in zip(runs, rows):
+            ax.annotate(_label(run), (r[x], r[y]), fontsize=8, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    return ax
+
+
+def sweep(values, results: dict, xlabel: str, ax=None, logx: bool = False):
+    """Lines of several measured quantities against one swept setting (rank, prefix length ...)."""
+    ax = _axes(ax)
+    for name, ys in results.items():
+        ax.plot(values, ys, "o-", label=name)
+    ax.set_xlabel(xlabel)
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.legend(fontsize=8)
+    return ax

@@ -1,0 +1,52 @@
+"""Execute the workbook's notebooks headless and keep the results: ``python -m peft_lab.run_notebooks``.
+
+Used by ``make run``: each notebook is executed top to bottom (full mode unless PEFT_LAB_QUICK=1 is
+set), saved with its outputs under ``<out>/notebooks``, and every figure is written as a PNG under
+``<out>/figures``. The time each notebook took is printed at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import time
+from pathlib import Path
+
+
+def run(paths, out: Path, timeout: int = 3600) -> dict:
+    import nbformat
+    from nbclient import NotebookClient
+
+    (out / "notebooks").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    seconds = {}
+    for path in map(Path, paths):
+        print(f"running {path.name} ...", flush=True)
+        nb = nbformat.read(path, as_version=4)
+        started = time.perf_counter()
+        NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                       resources={"metadata": {"path": str(path.parent)}}).execute()
+        seconds[path.name] = time.perf_counter() - started
+        nbformat.write(nb, out / "notebooks" / path.name)
+        n = 0
+        for cell in nb.cells:
+            for output in cell.get("outputs", []):
+                png = output.get("data", {}).get("image/png")
+                if png:
+                    n += 1
+                    (out / "figures" / f"{path.stem}_fig{n:02d}.png").write_bytes(base64.b64decode(png))
+        print(f"  done in {seconds[path.name]:.0f} s, {n} figures", flush=True)
+    for name, s in seconds.items():
+        print(f"{name:<45} {s / 60:5.1f} min")
+    return seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", nargs="+")
+    parser.add_argument("--out", default="build", type=Path)
+    args = parser.parse_args()
+    run(args.notebooks, args.out)
+
+
+if __name__ == "__main__":
+    main()

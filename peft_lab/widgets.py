@@ -1,0 +1,127 @@
+"""ipywidgets panels: controls -> Run -> live loss curve -> comparison with earlier runs.
+
+Explained in notebook 01_full_finetuning_and_freezing, section "Explore"; notebooks 02-04 reuse
+``ExperimentPanel`` with their own controls.
+
+A panel holds the frozen base model, a dict of control widgets and a ``make_tuned(base, **values)``
+function that returns the model to train. Clicking Run trains a fresh copy, redraws the loss
+curve after every step, measures accuracy and forgetting, and adds the run to the table and
+plots. ``panel.runs`` keeps every run, so a test can drive the controls, click, and read results.
+"""
+from __future__ import annotations
+
+import ipywidgets as W
+import matplotlib.pyplot as plt
+from IPython.display import clear_output, display
+
+from . import freeze, measure, models, plots, train
+
+
+class ExperimentPanel:
+    """Controls, a Run button, a live loss plot, and a growing comparison of runs."""
+
+    def __init__(self, base, tokenizer, task, controls: dict, make_tuned, copy_base: bool = True,
+                 title: str = "Experiment", method_label=None, compare_with=()):
+        self.base, self.tokenizer, self.task = base, tokenizer, task
+        self.controls = controls
+        self.make_tuned = make_tuned
+        self.copy_base = copy_base
+        self.method_label = method_label or (lambda values: title)
+        self.runs = list(compare_with)
+        self.run_button = W.Button(description="Run", button_style="primary", icon="play")
+        self.status = W.HTML()
+        self.live = W.Output()
+        self.results = W.Output()
+        self.run_button.on_click(self._on_click)
+        self._base_scores = None
+        self.widget = W.VBox([W.HTML(f"<b>{title}</b>"), *controls.values(),
+                              W.HBox([self.run_button, self.status]), self.live, self.results])
+
+    def values(self) -> dict:
+        return {name: c.value for name, c in self.controls.items()}
+
+    def _ipython_display_(self):
+        display(self.widget)
+
+    def _on_click(self, _button):
+        self.run_button.disabled = True
+        try:
+            self.run()
+        except Exception as err:  # show the error in the panel instead of losing it in a log
+            self.status.value = f"<span style='color:#b00'>Error: {err}</span>"
+            raise
+        finally:
+            self.run_button.disabled = False
+
+    def run(self):
+        """Train once with the current control values; returns the run record."""
+        values = self.values()
+        steps, lr = int(values.pop("steps")), float(values.pop("lr"))
+        self.status.value = "training ..."
+        start = models.fresh_copy(self.base) if self.copy_base else self.base
+        tuned = self.make_tuned(start, **values)
+        fig, ax = plt.subplots(figsize=(6, 3))
+
+        def redraw(record):
+            if len(record.losses) % max(1, steps // 20) and len(record.losses) != steps:
+                return  # redraw about twenty times per run, not every step
+            with self.live:
+                clear_output(wait=True)
+                ax.clear()
+                ax.plot(range(1, len(record.losses) + 1), record.losses)
+                ax.set_xlabel("step")
+                ax.set_ylabel("loss")
+                ax.set_title(f"{self.method_label(values)}: step {len(record.losses)}/{steps}")
+                display(fig)
+
+        run = train.fit(tuned, self.tokenizer, self.task, steps=steps, lr=lr, on_step=redraw,
+                        method=self.method_label(values), progress=False)
+        plt.close(fig)
+        self.status.value = "measuring accuracy and forgetting ..."
+        if self._base_scores is None:
+            self._base_scores = measure.score_probes(self.base, self.tokenizer, measure.probe_set())
+        measure.evaluate_run(run, self.base, tuned, self.tokenizer, self.task, base_scores=self._base_scores)
+        self.runs.append(run)
+        self.status.value = (f"done: accuracy {run.metrics['accuracy']:.1%}, "
+                             f"{run.seconds_per_step:.2f} s/step, KL {run.metrics['kl']:.4f}")
+        self.show_results()
+        return run
+
+    def show_results(self):
+        import pandas as pd
+
+        with self.results:
+            clear_output(wait=True)
+            display(pd.DataFrame(measure.comparison_rows(self.runs)).round(4))
+            fig = plots.comparison(self.runs, title="All runs of this panel")
+            display(fig)
+            plt.close(fig)
+
+
+def lr_slider(value=2e-5, low=-6, high=-2):
+    return W.FloatLogSlider(value=value, base=10, min=low, max=high, step=0.25, description="learning rate",
+                            readout_format=".0e", style={"description_width": "initial"})
+
+
+def steps_slider(value=20, high=200):
+    return W.IntSlider(value=value, min=1, max=high, step=1, description="steps")
+
+
+def freezing_panel(base, tokenizer, task, steps: int = 20, lr: float = 2e-5, compare_with=()):
+    """Notebook 01's panel: freezing choice, N blocks, learning rate, steps, Run."""
+    n_layers = len(freeze.blocks(base))
+    controls = {
+        "choice": W.Dropdown(options=list(freeze.CHOICES), value="last_n", description="train"),
+        "n": W.IntSlider(value=2, min=1, max=n_layers, description="N blocks"),
+        "lr": lr_slider(lr),
+        "steps": steps_slider(steps),
+    }
+
+    def make_tuned(model, choice, n):
+        return freeze.apply(model, choice, n=n, verbose=False)
+
+    def label(values):
+        return f"last {values['n']}" if values["choice"] == "last_n" else values["choice"]
+
+    return ExperimentPanel(base, tokenizer, task, controls, make_tuned, title="Freezing choices",
+                           method_label=label, compare_with=compare_with)

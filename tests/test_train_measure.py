@@ -1,0 +1,120 @@
+"""The training loop, the run log and the measurements, on tiny models."""
+import math
+
+import pytest
+import torch
+
+from peft_lab import data, freeze, lora, measure, models, train
+
+POSITIVE = ["the film was great", "i loved this movie", "really good food", "the app is great", "very good book"]
+NEGATIVE = ["the film was bad", "i hated this movie", "really terrible food", "the app is bad", "not good hotel"]
+
+
+@pytest.fixture
+def task():
+    pairs = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
+    return data.Task("tiny", pairs * 2, pairs[:4], pairs, data.VERBALIZER_SENTIMENT, data.REVIEW_TEMPLATE)
+
+
+@pytest.fixture(autouse=True)
+def run_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFT_LAB_RUNLOG", str(tmp_path / "runs.jsonl"))
+
+
+def test_fit_lowers_the_loss_and_is_reproducible(tiny_llama, tokenizer, task):
+    a = train.fit(freeze.apply(models.fresh_copy(tiny_llama), "full", verbose=False), tokenizer, task,
+                  steps=15, lr=1e-2, batch_size=4, progress=False)
+    b = train.fit(freeze.apply(models.fresh_copy(tiny_llama), "full", verbose=False), tokenizer, task,
+                  steps=15, lr=1e-2, batch_size=4, progress=False)
+    assert a.losses == b.losses
+    assert sum(a.losses[-3:]) / 3 < sum(a.losses[:3]) / 3
+    assert len(a.step_seconds) == 15 and a.seconds_per_step > 0 and a.tokens_per_second > 0
+
+
+def test_memory_breakdown_is_exact_for_adamw(tiny_llama, tokenizer, task):
+    tuned = freeze.apply(models.fresh_copy(tiny_llama), "last_n", n=1, verbose=False)
+    run = train.fit(tuned, tokenizer, task, steps=3, batch_size=4, progress=False)
+    n_all = sum(p.numel() for p in {id(p): p for p in tuned.parameters()}.values())
+    n_train = run.trainable_params
+    assert run.memory["weights"] == 4 * n_all
+    assert run.memory["gradients"] == 4 * n_train
+    assert run.memory["optimizer"] == 8 * n_train + 4 * len(train.trainable_parameters(tuned))  # + step counters
+    assert run.memory["activations"] > 0 and run.memory["process_peak"] > 0
+    table = measure.memory_table(run)
+    assert table["textbook prediction MiB"] == pytest.approx((4 * n_all + 12 * n_train) / 2 ** 20)
+
+
+def test_activations_grow_with_the_batch(tiny_llama, tokenizer, task):
+    small = train.fit(models.fresh_copy(tiny_llama), tokenizer, task, steps=2, batch_size=2, progress=False, log=False)
+    large = train.fit(models.fresh_copy(tiny_llama), tokenizer, task, steps=2, batch_size=8, progress=False, log=False)
+    assert large.memory["activations"] > small.memory["activations"]
+
+
+def test_training_a_copy_leaves_the_base_untouched(tiny_gpt2, tokenizer, task):
+    before = {k: v.clone() for k, v in tiny_gpt2.state_dict().items()}
+    train.fit(models.fresh_copy(tiny_gpt2), tokenizer, task, steps=3, lr=1e-2, batch_size=4, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in tiny_gpt2.state_dict().items())
+
+
+def test_fit_refuses_a_model_with_nothing_to_train(tiny_llama, tokenizer, task):
+    for p in tiny_llama.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="Nothing to train"):
+        train.fit(tiny_llama, tokenizer, task, steps=1, progress=False)
+
+
+def test_run_log_round_trip_and_filters(tiny_llama, tokenizer, task):
+    tuned = lora.apply(models.fresh_copy(tiny_llama), rank=2, alpha=4)
+    run = train.fit(tuned, tokenizer, task, steps=2, batch_size=4, progress=False)
+    assert run.method == "lora"
+    measure.evaluate_run(run, tiny_llama, tuned, tokenizer, task, limit=4)
+    latest = train.latest_run("lora", "tiny")
+    assert latest.run_id == run.run_id and latest.metrics["accuracy"] == run.metrics["accuracy"]
+    assert train.latest_run("prefix") is None
+    assert train.load_runs(quick=not data.quick_mode()) == []
+
+
+def test_accuracy_is_the_argmax_over_the_verbalizer(tiny_llama, tokenizer, task):
+    result = measure.accuracy(tiny_llama, tokenizer, task, "test")
+    assert result["n"] == len(task.test)
+    expected = sum(p == label for p, (_, label) in zip(result["predictions"], task.test)) / len(task.test)
+    assert result["accuracy"] == expected
+
+
+def _probes_the_model_knows(model, tokenizer):
+    """Probes whose 'right answer' is the model's own greedy word, so the base knows them all."""
+    probes = []
+    for prompt in ["the capital of france is", "water boils at", "the film was", "i loved this"]:
+        ids = torch.tensor([tokenizer(prompt).input_ids])
+        word = tokenizer.convert_ids_to_tokens(int(model(input_ids=ids).logits[0, -1].argmax()))
+        probes.append({"prompt": prompt, "answer": word, "topic": "test"})
+    return probes
+
+
+def test_forgetting_is_zero_for_the_model_itself(tiny_llama, tokenizer):
+    probes = _probes_the_model_knows(tiny_llama, tokenizer)
+    prose = "the film was great and the food was bad . " * 20
+    same = measure.forgetting(tiny_llama, tiny_llama, tokenizer, probes=probes, prose=prose)
+    assert same["probes_known_by_base"] == len(probes)
+    assert same["kept_greedy"] == 1.0 and same["kept_logprob"] == 1.0
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert same["ppl_base"] == pytest.approx(same["ppl_tuned"])
+
+
+def test_forgetting_grows_when_the_model_is_changed(tiny_llama, tokenizer):
+    probes = _probes_the_model_knows(tiny_llama, tokenizer)
+    prose = "the film was great and the food was bad . " * 20
+    changed = models.fresh_copy(tiny_llama)
+    with torch.no_grad():
+        for p in changed.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    result = measure.forgetting(tiny_llama, changed, tokenizer, probes=probes, prose=prose)
+    assert result["kl"] > 0.01
+    assert result["kept_logprob"] < 1.0 or result["answer_logprob_drop"] > 0
+
+
+def test_greedy_probe_scoring_matches_generation(tiny_llama, tokenizer):
+    probes = _probes_the_model_knows(tiny_llama, tokenizer)
+    scores = measure.score_probes(tiny_llama, tokenizer, probes)
+    assert all(s["greedy_right"] for s in scores)
+    assert all(s["logprob"] <= 0 and math.isfinite(s["logprob"]) for s in scores)
