@@ -28,11 +28,11 @@ $(STAMP): pyproject.toml requirements.txt
 
 run: $(STAMP)
 	mkdir -p $(BUILD)/notebooks $(BUILD)/figures
-	PEFT_LAB_RUNLOG=$(abspath $(BUILD))/runs.jsonl MPLBACKEND=Agg $(PY) -m peft_lab.run_notebooks \
+	PEFT_LAB_RUNLOG=$(abspath $(BUILD))/runs.jsonl $(PY) -m peft_lab.run_notebooks \
 		--out $(BUILD) $(NOTEBOOKS)
 
 test: $(STAMP)
-	PEFT_LAB_QUICK=1 PEFT_LAB_RUNLOG=$(abspath $(BUILD))/test-runs.jsonl MPLBACKEND=Agg HF_HUB_OFFLINE=1 \
+	PEFT_LAB_QUICK=1 PEFT_LAB_RUNLOG=$(abspath $(BUILD))/test-runs.jsonl HF_HUB_OFFLINE=1 \
 		$(PY) -m pytest tests notebooks --nbval-lax --nbval-sanitize-with tests/sanitize.cfg -p no:cacheprovider -q
 
 lab: $(STAMP)

@@ -101,3 +101,62 @@ def sweep(values, results: dict, xlabel: str, ax=None, logx: bool = False):
         ax.set_xscale("log", base=2)
     ax.legend(fontsize=8)
     return ax
+
+
+def singular_values(matrices: dict, ax=None, top: int | None = 64):
+    """Singular values of each matrix (e.g. a learned update B A), each divided by its largest, log scale.
+
+    A rank-r matrix shows r values and then a cliff down to float rounding: the picture of "low rank".
+    Explained in notebook 02_lora, section "How low is the rank?".
+    """
+    import torch
+
+    ax = _axes(ax)
+    for name, m in matrices.items():
+        s = torch.linalg.svdvals(m.detach().float().cpu())
+        s = (s / s[0]).clamp_min(1e-12)[:top]
+        ax.semilogy(range(1, len(s) + 1), s.numpy(), "o-", markersize=3, label=name)
+    ax.set_xlabel("index i")
+    ax.set_ylabel("singular value σ_i / σ_1")
+    ax.set_title("Singular values")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def prefix_attention(weights, num_virtual_tokens: int, tokens=None, share_by_layer=None, layers=None, title: str = ""):
+    """Where one attention head looks: its (T, P + T) attention matrix with the prefix columns marked,
+    and the share of each token's attention that goes to the P prefix slots.
+
+    ``weights`` comes from ``prefix.attention_weights``; ``share_by_layer`` (optional) is a list of the
+    mean prefix share in every layer (or in ``layers``), drawn as a third panel. Explained in notebook 03_prefix_tuning,
+    section 5.
+    """
+    w = weights.float().cpu()
+    P, T = num_virtual_tokens, w.shape[0]
+    ncols = 3 if share_by_layer is not None else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(5.2 * ncols, 3.8))
+    im = axes[0].imshow(w, aspect="auto", cmap="viridis", vmin=0)
+    axes[0].axvline(P - 0.5, color="w", lw=1.5)
+    axes[0].set_xlabel(f"key position (0..{P - 1}: prefix | {P}..: real tokens)")
+    axes[0].set_ylabel("query: real token")
+    axes[0].set_title("attention probabilities", fontsize=10)
+    fig.colorbar(im, ax=axes[0], fraction=0.046)
+    share = w[:, :P].sum(-1)
+    axes[1].barh(range(T), share, color="#4c72b0")
+    axes[1].set_xlim(0, 1)
+    axes[1].invert_yaxis()
+    axes[1].set_xlabel("share of attention on the prefix")
+    axes[1].set_title(f"mean over tokens: {float(share.mean()):.0%}", fontsize=10)
+    if tokens is not None:
+        labels = [repr(t)[1:-1] for t in tokens][:T]
+        for ax in axes[:2]:
+            ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    if share_by_layer is not None:
+        axes[2].plot(layers if layers is not None else range(len(share_by_layer)), share_by_layer, "o-")
+        axes[2].set_ylim(0, 1)
+        axes[2].set_xlabel("layer")
+        axes[2].set_ylabel("mean share on the prefix")
+        axes[2].set_title("the same head index, layer by layer", fontsize=10)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

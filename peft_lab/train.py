@@ -99,7 +99,7 @@ def _storage_key(t: torch.Tensor):
 
 @contextlib.contextmanager
 def count_saved_activations(params):
-    """Count the bytes autograd saves for backward, parameters excluded (they are counted as weights).
+    """Count the bytes autograd saves for backward; parameters (frozen or not) are excluded: they are weights.
 
     Saved tensors often share memory (views, one tensor saved by two operations); each underlying
     storage is counted once.
@@ -184,13 +184,13 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
     device = next(tuned.parameters()).device
     dtype = models.compute_dtype(device)
     info = getattr(tuned, "peft_lab_info", None) or getattr(getattr(tuned, "base_model", None), "peft_lab_info", {}) or {}
-    unique = {id(p): p for p in tuned.parameters()}.values()
+    unique = list({id(p): p for p in tuned.parameters()}.values())
     record = RunRecord(
         method=method or info.get("method", "custom"), task=task.name,
         config={"steps": steps, "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed,
                 "weight_decay": weight_decay, "warmup_steps": warmup_steps, **{k: v for k, v in info.items() if k != "method"}},
         trainable_params=sum(p.numel() for p in params), total_params=sum(p.numel() for p in unique),
-        model=getattr(tuned, "peft_lab_name", "") or getattr(getattr(tuned, "base_model", None), "peft_lab_name", ""),
+        model=_model_name(tuned),
         device=str(device), quick=data_mod.quick_mode(),
     )
     torch.manual_seed(seed)
@@ -206,7 +206,7 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
             for step in range(steps):
                 batch = data_mod.to_device(next(stream), device)
                 started = time.perf_counter()
-                counting = count_saved_activations(params) if step == measure_at else contextlib.nullcontext({})
+                counting = count_saved_activations(unique) if step == measure_at else contextlib.nullcontext({})
                 with counting as saved, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                     loss = loss_on(tuned, batch)
                 scaler.scale(loss).backward()
@@ -241,6 +241,15 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
     if log:
         save_run(record)
     return record
+
+
+def _model_name(tuned) -> str:
+    """The loaded model's name, whether ``tuned`` is the model itself or a prefix/prompt wrapper around it."""
+    for candidate in (tuned, getattr(tuned, "model", None), getattr(tuned, "base_model", None)):
+        name = getattr(candidate, "peft_lab_name", "")
+        if name:
+            return name
+    return ""
 
 
 def _progress(steps, enabled, label):

@@ -125,3 +125,105 @@ def freezing_panel(base, tokenizer, task, steps: int = 20, lr: float = 2e-5, com
 
     return ExperimentPanel(base, tokenizer, task, controls, make_tuned, title="Freezing choices",
                            method_label=label, compare_with=compare_with)
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def lora_panel(base, tokenizer, task, steps: int = 20, lr: float = 1e-3, compare_with=()):
+    """Notebook 02_lora's panel: rank, alpha, target modules, dropout, learning rate, steps, Run.
+
+    Explained in notebook 02_lora, section "Explore". Each run wraps a fresh copy of ``base`` with
+    ``lora.apply`` and joins the comparison with ``compare_with`` (e.g. full fine-tuning).
+    """
+    from . import lora
+
+    names = set(lora.linear_module_names(base))
+    options = [t for t in LORA_TARGETS if t in names] or sorted(names)  # GPT-2 style models: c_attn, ...
+    default = tuple(t for t in ("q_proj", "v_proj") if t in options) or (options[0],)
+    wide = {"description_width": "initial"}
+    controls = {
+        "rank": W.IntSlider(value=8, min=1, max=64, description="rank r"),
+        "alpha": W.FloatSlider(value=16, min=1, max=128, step=1, description="alpha", readout_format=".0f"),
+        "targets": W.SelectMultiple(options=options, value=default, rows=len(options),
+                                    description="target modules", style=wide),
+        "dropout": W.FloatSlider(value=0.0, min=0.0, max=0.5, step=0.05, description="dropout"),
+        "lr": lr_slider(lr),
+        "steps": steps_slider(steps),
+    }
+
+    def make_tuned(model, rank, alpha, targets, dropout):
+        if not targets:
+            raise ValueError("Select at least one target module.")
+        return lora.apply(model, rank=int(rank), alpha=float(alpha), targets=list(targets), dropout=float(dropout))
+
+    def label(values):
+        short = ",".join(t.split("_")[0] for t in values["targets"])
+        return f"LoRA r={values['rank']} ({short})"
+
+    return ExperimentPanel(base, tokenizer, task, controls, make_tuned, title="LoRA",
+                           method_label=label, compare_with=compare_with)
+
+
+PREFIX_INIT_TEXT = "Review sentiment: positive or negative."
+
+
+def prefix_panel(base, tokenizer, task, steps: int = 20, lr: float = 3e-3, compare_with=()):
+    """Notebook 03's panel: prefix length, reparametrisation, init (random / text), learning rate, steps, Run.
+
+    Explained in notebook 03_prefix_tuning, section "Explore". The prefix is evaluated as trained (a
+    reparametrised prefix is not folded: folding changes no output).
+    """
+    from . import prefix
+
+    controls = {
+        "length": W.IntSlider(value=16, min=1, max=64, description="prefix P"),
+        "reparametrize": W.Checkbox(value=True, description="reparametrise (MLP)"),
+        "init": W.Dropdown(options=list(prefix.INITS), value="text", description="init"),
+        "init_text": W.Text(value=PREFIX_INIT_TEXT, description="init text"),
+        "lr": lr_slider(lr, low=-5, high=-1),
+        "steps": steps_slider(steps),
+    }
+
+    def make_tuned(model, length, reparametrize, init, init_text):
+        return prefix.apply(model, int(length), reparametrize=bool(reparametrize), init=init,
+                            init_text=init_text if init == "text" else None, tokenizer=tokenizer)
+
+    def label(values):
+        return (f"prefix P={values['length']}" + (" +MLP" if values["reparametrize"] else "")
+                + f" ({values['init']})")
+
+    return ExperimentPanel(base, tokenizer, task, controls, make_tuned, title="Prefix tuning",
+                           method_label=label, compare_with=compare_with)
+
+
+def prompt_panel(base, tokenizer, task, steps: int = 20, lr: float = 3e-2, compare_with=(),
+                 init_text: str = "Is this review positive or negative?"):
+    """Notebook 04's panel: prompt length, initialisation (and its text), learning rate, steps, Run.
+
+    Prompt tuning never changes the base model, so the panel puts each new prompt in front of ``base``
+    itself instead of a copy (``copy_base=False``): one frozen model serves every prompt. Soft prompts
+    want large learning rates, so the slider reaches 1. Explained in notebook 04_prompt_tuning, "Explore".
+    """
+    import torch
+
+    from . import prompt
+
+    controls = {
+        "length": W.IntSlider(value=20, min=1, max=100, description="prompt length"),
+        "init": W.Dropdown(options=list(prompt.INITS), value="text", description="init"),
+        "init_text": W.Text(value=init_text, description="init text", style={"description_width": "initial"},
+                            layout=W.Layout(width="60%")),
+        "lr": lr_slider(lr, low=-4, high=0),
+        "steps": steps_slider(steps),
+    }
+
+    def make_tuned(model, length, init, init_text):
+        torch.manual_seed(0)  # the "random" and "vocab" inits draw from torch's global generator
+        return prompt.apply(model, int(length), init=init, init_text=init_text, tokenizer=tokenizer)
+
+    def label(values):
+        return f"prompt P={values['length']} ({values['init']})"
+
+    return ExperimentPanel(base, tokenizer, task, controls, make_tuned, copy_base=False,
+                           title="Prompt tuning", method_label=label, compare_with=compare_with)
