@@ -73,3 +73,25 @@ def tiny_llama():
 def tiny_model(request):
     """Both tiny architectures, one after the other."""
     return make_tiny_gpt2() if request.param == "gpt2" else make_tiny_llama()
+
+
+PANEL_PAIRS = [("the film was great", "positive"), ("the film was bad", "negative"),
+               ("i loved this movie", "positive"), ("i hated this movie", "negative")]
+
+
+def make_tiny_task():
+    """A four-review sentiment task in the tiny tokenizer's vocabulary, for the panel tests."""
+    from peft_lab import data
+
+    return data.Task("tiny", PANEL_PAIRS * 2, PANEL_PAIRS, PANEL_PAIRS, data.VERBALIZER_SENTIMENT, data.REVIEW_TEMPLATE)
+
+
+@pytest.fixture
+def panel_env(tmp_path, monkeypatch):
+    """What every panel test needs: its own run log, quick mode, and tiny probes and prose."""
+    from peft_lab import data
+
+    monkeypatch.setenv("PEFT_LAB_RUNLOG", str(tmp_path / "runs.jsonl"))
+    monkeypatch.setenv("PEFT_LAB_QUICK", "1")
+    monkeypatch.setattr(data, "load_probes", lambda: [{"prompt": "the capital of france is", "answer": "paris", "topic": "t"}] * 5)
+    monkeypatch.setattr(data, "load_prose", lambda source=None: "the film was great and the food was bad . " * 10)

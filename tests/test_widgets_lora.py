@@ -5,27 +5,16 @@ matplotlib.use("Agg")
 import pytest
 import torch
 
-from peft_lab import data, lora, plots, widgets
+from peft_lab import lora, plots, widgets
 
-PAIRS = [("the film was great", "positive"), ("the film was bad", "negative"),
-         ("i loved this movie", "positive"), ("i hated this movie", "negative")]
+from conftest import make_tiny_task
 
-
-@pytest.fixture(autouse=True)
-def run_log(tmp_path, monkeypatch):
-    monkeypatch.setenv("PEFT_LAB_RUNLOG", str(tmp_path / "runs.jsonl"))
-    monkeypatch.setenv("PEFT_LAB_QUICK", "1")
-    monkeypatch.setattr(data, "load_probes", lambda: [{"prompt": "the capital of france is", "answer": "paris", "topic": "t"}] * 5)
-    monkeypatch.setattr(data, "load_prose", lambda source=None: "the film was great and the food was bad . " * 10)
-
-
-def tiny_task():
-    return data.Task("tiny", PAIRS * 2, PAIRS, PAIRS, data.VERBALIZER_SENTIMENT, data.REVIEW_TEMPLATE)
+pytestmark = pytest.mark.usefixtures("panel_env")  # isolated run log, tiny probes and prose
 
 
 def test_lora_panel_trains_with_the_chosen_settings(tiny_llama, tokenizer):
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
-    panel = widgets.lora_panel(tiny_llama, tokenizer, tiny_task(), steps=2, lr=1e-3)
+    panel = widgets.lora_panel(tiny_llama, tokenizer, make_tiny_task(), steps=2, lr=1e-3)
     assert panel.controls["targets"].value == ("q_proj", "v_proj")
     assert set(panel.controls["targets"].options) == set(widgets.LORA_TARGETS)
     panel.controls["rank"].value = 4
@@ -54,7 +43,7 @@ def test_lora_panel_trains_with_the_chosen_settings(tiny_llama, tokenizer):
 
 
 def test_lora_panel_reports_an_empty_target_choice(tiny_llama, tokenizer):
-    panel = widgets.lora_panel(tiny_llama, tokenizer, tiny_task(), steps=1)
+    panel = widgets.lora_panel(tiny_llama, tokenizer, make_tiny_task(), steps=1)
     panel.controls["targets"].value = ()
     panel.run_button.click()  # the panel shows the error instead of training (ipywidgets logs the traceback)
     assert "Select at least one target" in panel.status.value
@@ -62,7 +51,7 @@ def test_lora_panel_reports_an_empty_target_choice(tiny_llama, tokenizer):
 
 
 def test_lora_panel_offers_gpt2_layer_names(tiny_gpt2, tokenizer):
-    panel = widgets.lora_panel(tiny_gpt2, tokenizer, tiny_task())
+    panel = widgets.lora_panel(tiny_gpt2, tokenizer, make_tiny_task())
     assert "c_attn" in panel.controls["targets"].options and panel.controls["targets"].value
 
 

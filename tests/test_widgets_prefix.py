@@ -2,22 +2,15 @@
 import pytest
 import torch
 
-from peft_lab import data, plots, prefix, widgets
+from peft_lab import plots, prefix, widgets
 
-PAIRS = [("the film was great", "positive"), ("the film was bad", "negative"),
-         ("i loved this movie", "positive"), ("i hated this movie", "negative")]
+from conftest import make_tiny_task
 
-
-@pytest.fixture(autouse=True)
-def run_log(tmp_path, monkeypatch):
-    monkeypatch.setenv("PEFT_LAB_RUNLOG", str(tmp_path / "runs.jsonl"))
-    monkeypatch.setenv("PEFT_LAB_QUICK", "1")
-    monkeypatch.setattr(data, "load_probes", lambda: [{"prompt": "the capital of france is", "answer": "paris", "topic": "t"}] * 5)
-    monkeypatch.setattr(data, "load_prose", lambda source=None: "the film was great and the food was bad . " * 10)
+pytestmark = pytest.mark.usefixtures("panel_env")  # isolated run log, tiny probes and prose
 
 
 def test_prefix_panel_runs_every_setting(tiny_model, tokenizer):
-    task = data.Task("tiny", PAIRS * 2, PAIRS, PAIRS, data.VERBALIZER_SENTIMENT, data.REVIEW_TEMPLATE)
+    task = make_tiny_task()
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     panel = widgets.prefix_panel(tiny_model, tokenizer, task, steps=2, lr=1e-2, compare_with=[])
     assert set(panel.controls) >= {"length", "reparametrize", "init", "lr", "steps"}
@@ -51,7 +44,7 @@ def test_prefix_panel_runs_every_setting(tiny_model, tokenizer):
 
 
 def test_prefix_trainable_count_matches_formula(tiny_llama, tokenizer):
-    task = data.Task("tiny", PAIRS * 2, PAIRS, PAIRS, data.VERBALIZER_SENTIMENT, data.REVIEW_TEMPLATE)
+    task = make_tiny_task()
     panel = widgets.prefix_panel(tiny_llama, tokenizer, task, steps=1, lr=1e-2)
     panel.controls["length"].value = 4
     panel.controls["reparametrize"].value = False
