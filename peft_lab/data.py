@@ -88,10 +88,16 @@ def _hub_rows(hub_id: str, config: str | None, split: str, source):
                 "with the same columns."
             ) from None
     source = Path(source)
-    kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}.get(source.suffix)
+    if not source.is_file():
+        raise FileNotFoundError(f"No such data file: {source}")
+    # A file without a suffix is read as tab-separated: that is how the UCI SMS-spam file ships.
+    tab_separated = source.suffix in (".tsv", "")
+    kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(source.suffix)
+    kind = "csv" if tab_separated else kind
     if kind is None:
-        raise ValueError(f"Unsupported file type {source.suffix!r}: use .jsonl, .json, .csv, .tsv or .parquet")
-    kwargs = {"delimiter": "\t", "quoting": 3} if source.suffix == ".tsv" else {}
+        raise ValueError(f"Unsupported file type {source.suffix!r}: use .jsonl, .json, .csv, .tsv (or no suffix, "
+                         "read as tab-separated) or .parquet")
+    kwargs = {"delimiter": "\t", "quoting": 3} if tab_separated else {}  # quoting 3: quotes are plain text
     return datasets.load_dataset(kind, data_files=str(source), split="train", **kwargs)
 
 
@@ -106,8 +112,8 @@ def _split_70_10_20(pairs: list, seed: int):
 def _sms_spam(source=None, seed: int = 123) -> Task:
     """SMS spam, balanced: all spam plus as many ham sampled with ``seed``; shuffled; split 70/10/20.
 
-    Hub columns: ``sms`` (text) and ``label`` (0 = ham, 1 = spam). A local ``.tsv`` in the UCI
-    layout (``Label<TAB>SMS`` header, labels 'ham'/'spam') works too.
+    Hub columns: ``sms`` (text) and ``label`` (0 = ham, 1 = spam). The UCI file itself
+    (``SMSSpamCollection``, tab-separated with a ``Label<TAB>SMS`` header, labels 'ham'/'spam') works too.
     """
     rows = _hub_rows("ucirvine/sms_spam", None, "train", source)
     text_col = "sms" if "sms" in rows.column_names else "SMS"

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
@@ -327,6 +328,12 @@ def text_prefix(model: nn.Module, tokenizer, init_text: str, num_virtual_tokens:
     ids = tokenizer(init_text, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:
         raise ValueError(f"init_text {init_text!r} produced no tokens")
+    if ids.shape[1] != num_virtual_tokens:
+        # Allowed (the panel lets readers try it), but it starts worse: say so instead of failing quietly.
+        how = "repeated to fill" if ids.shape[1] < num_virtual_tokens else "cut to"
+        warnings.warn(f"init_text has {ids.shape[1]} tokens and the prefix {num_virtual_tokens} slots: the text is {how} "
+                      f"{num_virtual_tokens} positions and reads like garbled text. For the best start use "
+                      f"num_virtual_tokens={ids.shape[1]}, or a text of exactly P tokens.", stacklevel=3)
     cache = model(input_ids=ids, use_cache=True).past_key_values
     layers = [torch.stack([layer.keys[0], layer.values[0]]) for layer in cache.layers]  # (2, H, n, D)
     kv = torch.stack(layers)  # (layers, 2, kv_heads, n, head_dim)

@@ -2,7 +2,8 @@
 
 Used by ``make run``: each notebook is executed top to bottom (full mode unless PEFT_LAB_QUICK=1 is
 set), saved with its outputs under ``<out>/notebooks``, and every figure is written as a PNG under
-``<out>/figures``. The time each notebook took is printed at the end.
+``<out>/figures``. The time each notebook took is printed at the end. A notebook that fails is saved
+as far as it ran (the error shows in place) and the others still run; the command then exits non-zero.
 """
 from __future__ import annotations
 
@@ -18,13 +19,17 @@ def run(paths, out: Path, timeout: int = 3600) -> dict:
 
     (out / "notebooks").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    seconds = {}
+    seconds, failed = {}, {}
     for path in map(Path, paths):
         print(f"running {path.name} ...", flush=True)
         nb = nbformat.read(path, as_version=4)
         started = time.perf_counter()
-        NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                       resources={"metadata": {"path": str(path.parent)}}).execute()
+        try:
+            NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                           resources={"metadata": {"path": str(path.parent)}}).execute()
+        except Exception as err:  # keep what ran (the error is in the saved notebook) and go on with the rest
+            failed[path.name] = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            print(f"  FAILED: {failed[path.name]}", flush=True)
         seconds[path.name] = time.perf_counter() - started
         nbformat.write(nb, out / "notebooks" / path.name)
         n = 0
@@ -36,7 +41,10 @@ def run(paths, out: Path, timeout: int = 3600) -> dict:
                     (out / "figures" / f"{path.stem}_fig{n:02d}.png").write_bytes(base64.b64decode(png))
         print(f"  done in {seconds[path.name]:.0f} s, {n} figures", flush=True)
     for name, s in seconds.items():
-        print(f"{name:<45} {s / 60:5.1f} min")
+        print(f"{name:<45} {s / 60:5.1f} min" + ("  FAILED" if name in failed else ""))
+    if failed:
+        raise SystemExit(f"{len(failed)} notebook(s) failed: {', '.join(failed)}; open them under {out / 'notebooks'} "
+                         "to see the error in place.")
     return seconds
 
 

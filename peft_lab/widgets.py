@@ -165,22 +165,29 @@ def lora_panel(base, tokenizer, task, steps: int = 20, lr: float = 1e-3, compare
                            method_label=label, compare_with=compare_with)
 
 
-PREFIX_INIT_TEXT = "Review sentiment: positive or negative."
+# A whole sentence that states the task. As a prefix it reads like this text, so P should equal its
+# token count: cut mid-sentence or repeated, it reads like garbled text and starts far worse
+# (notebook 03, section 6).
+PREFIX_INIT_TEXT = ("The following are customer reviews. After each review, its sentiment is given as "
+                    "positive or negative.")
 
 
-def prefix_panel(base, tokenizer, task, steps: int = 20, lr: float = 3e-3, compare_with=()):
+def prefix_panel(base, tokenizer, task, steps: int = 20, lr: float = 1e-3, compare_with=()):
     """Notebook 03's panel: prefix length, reparametrisation, init (random / text), learning rate, steps, Run.
 
     Explained in notebook 03_prefix_tuning, section "Explore". The prefix is evaluated as trained (a
-    reparametrised prefix is not folded: folding changes no output).
+    reparametrised prefix is not folded: folding changes no output). The length starts at the init
+    text's token count.
     """
     from . import prefix
 
+    text_tokens = len(tokenizer(PREFIX_INIT_TEXT).input_ids)
     controls = {
-        "length": W.IntSlider(value=16, min=1, max=64, description="prefix P"),
-        "reparametrize": W.Checkbox(value=True, description="reparametrise (MLP)"),
+        "length": W.IntSlider(value=min(max(text_tokens, 1), 64), min=1, max=64, description="prefix P"),
+        "reparametrize": W.Checkbox(value=False, description="reparametrise (MLP)"),
         "init": W.Dropdown(options=list(prefix.INITS), value="text", description="init"),
-        "init_text": W.Text(value=PREFIX_INIT_TEXT, description="init text"),
+        "init_text": W.Text(value=PREFIX_INIT_TEXT, description="init text", style={"description_width": "initial"},
+                            layout=W.Layout(width="80%")),
         "lr": lr_slider(lr, low=-5, high=-1),
         "steps": steps_slider(steps),
     }

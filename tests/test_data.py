@@ -72,13 +72,25 @@ def test_sms_spam_loader_balances_and_splits_70_10_20(tmp_path):
     assert again.test == task.test  # seeded: the same split every time
 
 
-def test_sms_spam_loader_reads_the_uci_tab_separated_layout(tmp_path):
-    lines = ["Label\tSMS"] + [f"spam\tFree entry {i} now" for i in range(10)] + [f"ham\tOk lar {i}" for i in range(30)]
-    path = tmp_path / "SMSSpamCollection.tsv"
+@pytest.mark.parametrize("filename", ["SMSSpamCollection.tsv", "SMSSpamCollection"])
+def test_sms_spam_loader_reads_the_uci_tab_separated_layout(tmp_path, filename):
+    # the UCI file ships without a suffix; a quote inside a message must stay plain text
+    lines = ["Label\tSMS"] + [f'spam\tFree "entry" {i} now' for i in range(10)] + [f"ham\tOk lar {i}" for i in range(30)]
+    path = tmp_path / filename
     path.write_text("\n".join(lines), encoding="utf-8")
     task = data.load_task("sms_spam", source=path)
     assert Counter(label for _, label in task.train + task.val + task.test) == {"spam": 10, "ham": 10}
     assert task.verbalizer == {"ham": " ham", "spam": " spam"}
+    assert any('"entry"' in text for text, _ in task.train + task.val + task.test)
+
+
+def test_missing_or_unknown_data_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No such data file"):
+        data.load_task("sms_spam", source=tmp_path / "nowhere.tsv")
+    odd = tmp_path / "sms.xlsx"
+    odd.write_text("x")
+    with pytest.raises(ValueError, match="Unsupported file type '.xlsx'"):
+        data.load_task("sms_spam", source=odd)
 
 
 @pytest.mark.parametrize("name,column,n_labels", [("sst2", "sentence", 2), ("rotten_tomatoes", "text", 2),

@@ -152,9 +152,17 @@ def test_text_init_reads_like_the_text(tiny_model, tokenizer, reparametrize):
     with torch.no_grad():
         got = tuned(input_ids=IDS[:1]).logits
     torch.testing.assert_close(got, expected, atol=1e-4 if reparametrize else 1e-5, rtol=0)
-    # a text shorter than P is repeated to fill P positions
-    short = prefix.text_prefix(tiny_model, tokenizer, "the film", 5)
+    # a text shorter than P is repeated to fill P positions, with a warning that says what to do
+    with pytest.warns(UserWarning, match="num_virtual_tokens=2"):
+        short = prefix.text_prefix(tiny_model, tokenizer, "the film", 5)
     assert short.shape[3] == 5 and torch.equal(short[:, :, :, 2], short[:, :, :, 0])
+
+
+def test_text_init_of_exactly_p_tokens_does_not_warn(tiny_model, tokenizer):
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prefix.text_prefix(tiny_model, tokenizer, "the film was great", 4)
 
 
 # --- save / load ------------------------------------------------------------------------------------
