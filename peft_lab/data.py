@@ -92,8 +92,7 @@ def _hub_rows(hub_id: str, config: str | None, split: str, source):
         raise FileNotFoundError(f"No such data file: {source}")
     # A file without a suffix is read as tab-separated: that is how the UCI SMS-spam file ships.
     tab_separated = source.suffix in (".tsv", "")
-    kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(source.suffix)
-    kind = "csv" if tab_separated else kind
+    kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", "": "csv", ".parquet": "parquet"}.get(source.suffix)
     if kind is None:
         raise ValueError(f"Unsupported file type {source.suffix!r}: use .jsonl, .json, .csv, .tsv (or no suffix, "
                          "read as tab-separated) or .parquet")

@@ -28,7 +28,8 @@ def run(paths, out: Path, timeout: int = 3600) -> dict:
             NotebookClient(nb, timeout=timeout, kernel_name="python3",
                            resources={"metadata": {"path": str(path.parent)}}).execute()
         except Exception as err:  # keep what ran (the error is in the saved notebook) and go on with the rest
-            failed[path.name] = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            message = str(err).strip()
+            failed[path.name] = message.splitlines()[-1] if message else type(err).__name__
             print(f"  FAILED: {failed[path.name]}", flush=True)
         seconds[path.name] = time.perf_counter() - started
         nbformat.write(nb, out / "notebooks" / path.name)
