@@ -199,8 +199,9 @@ def verbalizer_ids(task: Task, tokenizer) -> list:
     return ids
 
 
-def encode(examples: list, task: Task, tokenizer, max_length: int = 64) -> dict:
-    """Tokenise (text, label) pairs into one right-padded batch.
+def encode(examples: list, task: Task, tokenizer, max_length: int = 64, device=None) -> dict:
+    """Tokenise (text, label) pairs into one right-padded batch, on ``device`` (a device or a model;
+    default: the CPU). Pass the model you will feed it to, ``device=model``, and it runs anywhere.
 
     Returns ``input_ids``, ``attention_mask``, ``last`` (index of the last real token, where the
     model predicts the label), ``target`` (the verbalizer token id) and ``label`` (the label index).
@@ -223,13 +224,30 @@ def encode(examples: list, task: Task, tokenizer, max_length: int = 64) -> dict:
         input_ids[i, : len(ids)] = torch.tensor(ids)
         mask[i, : len(ids)] = 1
     label_idx = torch.tensor([y for _, y in rows])
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": mask,
         "last": mask.sum(1) - 1,
         "target": torch.tensor(targets)[label_idx],
         "label": label_idx,
     }
+    return batch if device is None else to_device(batch, device)
+
+
+def token_ids(tokenizer, text: str, device=None, special_tokens: bool = True) -> torch.Tensor:
+    """``text`` as a (1, tokens) tensor of ids on ``device`` (a device or a model; default: the CPU).
+
+    The tokenizer itself always returns CPU tensors; a model on a GPU needs its inputs on the GPU.
+    """
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=special_tokens).input_ids
+    return ids if device is None else ids.to(device_of(device))
+
+
+def device_of(model_or_device) -> torch.device:
+    """The device of a model (where its parameters live), or ``torch.device`` of a device name."""
+    if isinstance(model_or_device, torch.nn.Module):
+        return next(model_or_device.parameters()).device
+    return torch.device(model_or_device)
 
 
 def batches(examples: list, task: Task, tokenizer, batch_size: int = 8, max_length: int = 64,
@@ -251,4 +269,6 @@ def endless_batches(examples: list, task: Task, tokenizer, batch_size: int = 8, 
 
 
 def to_device(batch: dict, device) -> dict:
+    """Every tensor of ``batch`` on ``device`` (a device or a model)."""
+    device = device_of(device)
     return {k: v.to(device) for k, v in batch.items()}

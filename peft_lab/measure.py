@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_mod
-from . import freeze, train
+from . import freeze, models, train
 
-BYTES_FP32 = 4
 
 
 def parameters(model) -> dict:
@@ -53,7 +52,8 @@ def accuracy(tuned, tokenizer, task, split: str = "test", limit: int | None = No
     correct, predictions = 0, []
     for batch in data_mod.batches(examples, task, tokenizer, batch_size, max_length):
         batch = data_mod.to_device(batch, device)
-        scores = train.label_logits(tuned, batch)[:, verbal]
+        with models.autocast(device):  # the precision training ran in (a no-op in fp32)
+            scores = train.label_logits(tuned, batch)[:, verbal].float()
         pred = scores.argmax(-1)
         correct += int((pred == batch["label"]).sum())
         predictions += pred.tolist()
@@ -94,7 +94,9 @@ def score_probes(model, tokenizer, probes, batch_size: int = 32) -> list:
         for i, (full, _) in enumerate(chunk):
             ids[i, : len(full)] = torch.tensor(full)
             mask[i, : len(full)] = 1
-        logprobs = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float().log_softmax(-1).cpu()
+        with models.autocast(device):
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        logprobs = logits.float().log_softmax(-1).cpu()
         for i, (full, n_prompt) in enumerate(chunk):
             positions = torch.arange(n_prompt - 1, len(full) - 1)
             answer = torch.tensor(full[n_prompt:])
@@ -118,8 +120,9 @@ def prose_stats(base, tuned, tokenizer, prose: str, max_tokens: int) -> dict:
     for ids in prose_chunks(tokenizer, prose, max_tokens):
         x = torch.tensor([ids], device=device)
         target = x[0, 1:]
-        lp_base = base(input_ids=x).logits[0, :-1].float().log_softmax(-1)
-        lp_tuned = tuned(input_ids=x).logits[0, :-1].float().log_softmax(-1)
+        with models.autocast(device):
+            lp_base = base(input_ids=x).logits[0, :-1].float().log_softmax(-1)
+            lp_tuned = tuned(input_ids=x).logits[0, :-1].float().log_softmax(-1)
         nll_base -= float(lp_base.gather(1, target[:, None]).sum())
         nll_tuned -= float(lp_tuned.gather(1, target[:, None]).sum())
         kl += float(F.kl_div(lp_tuned, lp_base, log_target=True, reduction="sum"))
@@ -171,31 +174,53 @@ def answers(model, tokenizer, prompts, max_new_tokens: int = 6) -> list:
     out = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        with models.autocast(device):
+            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
         out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0].strip())
     return out
 
 
 # --- memory -------------------------------------------------------------------------------------
 
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "4-bit": 0.5 + 4 / 64}  # 4-bit: NF4 + one fp32 scale per 64
+BYTES_PER_TRAINED = 4 + 8  # an fp32 gradient and AdamW's two fp32 moments, per trainable number
+
+
+def predicted_memory(total: int, trainable: int) -> dict:
+    """Textbook MiB of weights + gradients + AdamW for each way of storing the frozen base.
+
+    Trained numbers are always fp32 (4 bytes) with a 4-byte gradient and 8 bytes of AdamW state.
+    The frozen rest costs 4 bytes a number in fp32, 2 in bf16, and about 0.56 in 4-bit NF4 (QLoRA: half
+    a byte plus a scale per block of 64). Full fine-tuning has no frozen rest: its 16 bytes per number
+    do not shrink with a half-precision base (the master weights stay fp32). Explained in notebook 00, section 6.
+    """
+    frozen = total - trainable
+    return {f"frozen base in {name}": (BYTES[name] * frozen + (4 + BYTES_PER_TRAINED) * trainable) / 2 ** 20
+            for name in ("float32", "bfloat16", "4-bit")}
+
+
 def memory_table(run) -> dict:
     """A run's memory breakdown in MiB, with the textbook prediction beside the measurement.
 
-    Textbook: fp32 weights (4 bytes per parameter) plus, per *trainable* parameter, a 4-byte
-    gradient and AdamW's two 4-byte moments. Full fine-tuning: 16 bytes per parameter plus
-    activations.
+    Textbook: each stored number costs its dtype's bytes (4 in fp32, 2 in bf16/fp16), plus, per
+    *trainable* number, a 4-byte gradient and AdamW's two 4-byte moments. Full fine-tuning in fp32:
+    16 bytes per parameter plus activations. Under autocast, the half-precision copies of the
+    weights that a step makes are shown as "weight casts", not as activations.
     """
     m = run.memory if hasattr(run, "memory") else run["memory"]
     trainable = run.trainable_params if hasattr(run, "trainable_params") else run["trainable_params"]
     total = run.total_params if hasattr(run, "total_params") else run["total_params"]
     mib = 2 ** 20
-    predicted = (BYTES_FP32 * total + 3 * BYTES_FP32 * trainable) / mib
-    measured_static = (m["weights"] + m["gradients"] + m["optimizer"]) / mib
+    stored = m.get("weight_dtypes") or {"float32": total}
+    predicted = (sum(BYTES[d] * n for d, n in stored.items()) + BYTES_PER_TRAINED * trainable) / mib
+    optimizer = m.get("optimizer") or 0
+    measured_static = (m["weights"] + m["gradients"] + optimizer) / mib
     return {
         "weights MiB": m["weights"] / mib,
         "gradients MiB": m["gradients"] / mib,
-        "optimizer MiB": m["optimizer"] / mib,
+        "optimizer MiB": optimizer / mib,
+        "weight casts MiB": m.get("weight_casts", 0) / mib,
         "activations MiB": m["activations"] / mib,
         "weights+grads+optimizer MiB": measured_static,
         "textbook prediction MiB": predicted,
@@ -223,7 +248,7 @@ def comparison_rows(runs) -> list:
         rows.append({
             "method": r.method, "trainable": r.trainable_params, "trainable %": 100 * r.trainable_params / r.total_params,
             "accuracy": r.metrics.get("accuracy", float("nan")), "s/step": r.seconds_per_step,
-            "tokens/s": r.tokens_per_second, "train MiB": mem["weights+grads+optimizer MiB"] + mem["activations MiB"],
+            "tokens/s": r.tokens_per_second, "train MiB": mem["weights+grads+optimizer MiB"] + mem["weight casts MiB"] + mem["activations MiB"],
             "kept (greedy)": r.metrics.get("kept_greedy", float("nan")),
             "kept (logprob)": r.metrics.get("kept_logprob", float("nan")),
             "KL": r.metrics.get("kl", float("nan")), "ppl": r.metrics.get("ppl_tuned", float("nan")),

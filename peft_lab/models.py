@@ -49,17 +49,60 @@ def pick_device() -> torch.device:
     return torch.device("cpu")
 
 
-def compute_dtype(device: torch.device | str) -> torch.dtype:
-    """The dtype training computes in on ``device``.
+PRECISION_ENV = "PEFT_LAB_PRECISION"
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    Weights stay fp32 (they are the optimizer's master copy); on a GPU the forward and backward
-    run under autocast in bf16 where the card supports it, else fp16 with loss scaling (the T4 of
-    free Colab has no bf16). On the CPU everything stays fp32: CPUs gain little from half precision.
+
+def cpu_has_bf16() -> bool:
+    """Does this CPU compute in bf16 natively (AVX512-BF16 or AMX on x86)? Elsewhere bf16 is emulated, and slow."""
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def compute_dtype(device: torch.device | str) -> torch.dtype:
+    """The half precision the device computes in fast, or fp32. Explained in notebook 00, section 6.
+
+    * a GPU with bf16 (Ampere and newer): bf16; a GPU without (the T4 of free Colab): fp16, with loss scaling;
+    * a CPU with bf16 arithmetic (recent Xeons; see ``cpu_has_bf16``): bf16; any other CPU, and MPS: fp32.
+
+    ``PEFT_LAB_PRECISION=fp32`` (or ``bf16``, ``fp16``) overrides the choice. A frozen base model is
+    *stored* in this dtype (half the bytes of fp32); training runs under autocast in it; whatever is
+    trained (LoRA's A and B, a prefix, a soft prompt, full fine-tuning's master weights) stays fp32.
     """
     device = torch.device(device)
+    forced = os.environ.get(PRECISION_ENV, "auto").strip().lower()
+    if forced in PRECISIONS:
+        if forced == "fp16" and device.type != "cuda":
+            raise ValueError(f"{PRECISION_ENV}=fp16 needs a CUDA GPU; on {device.type} use bf16 or fp32.")
+        return PRECISIONS[forced]
+    if forced != "auto":
+        raise ValueError(f"{PRECISION_ENV}={forced!r} is not one of auto, {', '.join(PRECISIONS)}.")
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and cpu_has_bf16():
+        return torch.bfloat16
     return torch.float32
+
+
+def autocast(device: torch.device | str):
+    """Autocast to ``compute_dtype(device)``, or nothing where that is fp32. Used for training and measuring alike."""
+    import contextlib
+
+    device = torch.device(device)
+    dtype = compute_dtype(device)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def precision_summary(device: torch.device | str) -> str:
+    """One line saying which precision runs here, and why."""
+    device = torch.device(device)
+    dtype = compute_dtype(device)
+    if dtype == torch.float32:
+        why = "this CPU has no bf16 arithmetic" if device.type == "cpu" else f"{device.type} runs fp32 here"
+        return f"fp32 everywhere ({why})"
+    name = str(dtype).replace("torch.", "")
+    return f"frozen base in {name}, trained numbers in fp32, compute under {name} autocast"
 
 
 def embedded_gguf_path() -> Path:
@@ -126,8 +169,9 @@ def load(name: str | None = None, device: torch.device | str | None = None):
     """Load ``(model, tokenizer)``, ready for the workbook. Explained in notebook 00, "The model".
 
     ``name``: None or ``"smollm2-135m-embedded"`` for the embedded default; a key of
-    ``KNOWN_MODELS``; a hub id; or a local folder. The model comes back in fp32, in eval mode, on
-    ``device`` (default: ``pick_device()``), with a padding token set and padding on the right.
+    ``KNOWN_MODELS``; a hub id; or a local folder. The model comes back frozen in eval mode, on
+    ``device`` (default: ``pick_device()``), stored in ``compute_dtype(device)`` (bf16 on a GPU or a
+    CPU with bf16, else fp32), with a padding token set and padding on the right.
     """
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -149,19 +193,31 @@ def load(name: str | None = None, device: torch.device | str | None = None):
         tok.pad_token = tok.eos_token  # GPT-2 has none; padding is masked out anyway
     tok.padding_side = "right"
     model.config.pad_token_id = tok.pad_token_id
-    model.to(device).eval()
+    model.to(device=device, dtype=compute_dtype(device)).eval()
+    model.requires_grad_(False)  # the base is frozen; methods and fresh_copy decide what trains
     model.peft_lab_name = name or EMBEDDED
     model.peft_lab_load_seconds = time.perf_counter() - started
     return model, tok
 
 
 def fresh_copy(model):
-    """An independent copy of ``model`` to fine-tune, so the base model is never changed by accident."""
+    """An independent copy of ``model`` for full fine-tuning (or a freezing choice): every parameter
+    trainable and in fp32, the optimizer's master weights (half-precision weights would lose small
+    updates to rounding). The base model is never changed."""
+    import copy
+
+    clone = copy.deepcopy(model).float()
+    for p in clone.parameters():
+        p.requires_grad_(True)
+    return clone
+
+
+def frozen_copy(model):
+    """An independent, frozen copy of ``model`` in its own precision, for a PEFT method to attach to."""
     import copy
 
     clone = copy.deepcopy(model)
-    for p in clone.parameters():
-        p.requires_grad_(True)
+    clone.requires_grad_(False)
     return clone
 
 

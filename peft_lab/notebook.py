@@ -11,12 +11,18 @@ import platform
 
 import torch
 
+from . import accelerator_check, models
 from . import data as data_mod
-from . import models
 
 
 def setup(seed: int = 0) -> dict:
-    """Print versions, device and quick mode; seed everything; return the facts as a dict."""
+    """Print versions, device, precision and quick mode; seed everything; return the facts as a dict.
+
+    With ``PEFT_LAB_CHECK_DEVICES=1`` (the tests set it) the notebook runs on a pretend accelerator:
+    a cell that feeds a CPU tensor to the model stops, as it would on a GPU (see ``accelerator_check``).
+    """
+    if accelerator_check.requested():
+        accelerator_check.enable()
     torch.manual_seed(seed)
     device = models.pick_device()
     facts = {"python": platform.python_version()}
@@ -26,9 +32,11 @@ def setup(seed: int = 0) -> dict:
         except importlib.metadata.PackageNotFoundError:
             facts[pkg] = "not installed"
     facts["device"] = str(device) + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else "")
-    facts["compute dtype"] = str(models.compute_dtype(device)).replace("torch.", "")
+    facts["precision"] = models.precision_summary(device)
     facts["quick mode"] = data_mod.quick_mode()
     facts["cpu threads"] = torch.get_num_threads()
+    if accelerator_check.requested():
+        facts["device check"] = "on: CPU tensors fed to the model fail, as on a GPU"
     width = max(map(len, facts))
     for key, value in facts.items():
         print(f"{key:<{width}}  {value}")

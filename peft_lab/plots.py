@@ -8,8 +8,9 @@ import matplotlib.pyplot as plt
 
 from . import measure
 
-MEMORY_PARTS = ("weights", "gradients", "optimizer", "activations")
-COLORS = {"weights": "#8da0cb", "gradients": "#fc8d62", "optimizer": "#66c2a5", "activations": "#e78ac3"}
+MEMORY_PARTS = ("weights", "gradients", "optimizer", "weight_casts", "activations")
+COLORS = {"weights": "#8da0cb", "gradients": "#fc8d62", "optimizer": "#66c2a5", "weight_casts": "#ffd92f",
+          "activations": "#e78ac3"}
 
 
 def _axes(ax, size=(6, 3.5)):
@@ -45,12 +46,12 @@ def memory_breakdown(runs, ax=None):
     for i, run in enumerate(runs):
         bottom = 0.0
         for part in MEMORY_PARTS:
-            value = run.memory[part] / mib
-            ax.bar(i, value, bottom=bottom, color=COLORS[part], label=part if i == 0 else None)
+            value = (run.memory.get(part) or 0) / mib  # older runs have no weight casts recorded
+            ax.bar(i, value, bottom=bottom, color=COLORS[part], label=part.replace("_", " ") if i == 0 else None)
             bottom += value
         table = measure.memory_table(run)
         ax.plot([i - 0.4, i + 0.4], [table["textbook prediction MiB"]] * 2, "k--",
-                label="textbook: 4 B/param + 12 B/trainable param" if i == 0 else None)
+                label="textbook: 4 B per fp32 / 2 B per bf16 number + 12 B/trainable" if i == 0 else None)
     ax.set_xticks(range(len(runs)), [_label(r) for r in runs], rotation=20, ha="right")
     ax.set_ylabel("MiB")
     ax.set_title("Training memory, measured in a real step")

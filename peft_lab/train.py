@@ -97,26 +97,53 @@ def _storage_key(t: torch.Tensor):
     return (t.device, t.untyped_storage().data_ptr())
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
 @contextlib.contextmanager
-def count_saved_activations(params):
+def count_saved_activations(params, cast_dtype: torch.dtype | None = None):
     """Count the bytes autograd saves for backward; parameters (frozen or not) are excluded: they are weights.
 
-    Saved tensors often share memory (views, one tensor saved by two operations); each underlying
-    storage is counted once.
+    Under autocast a layer's fp32 weight is cast to half precision, and the cast copy is saved for
+    the backward pass. That copy is a new tensor, but it is a *weight*, not an activation: a saved
+    ``cast_dtype`` tensor equal to an fp32 weight cast to ``cast_dtype`` (or to its transpose) is
+    counted as a weight cast, on its own line. Saved tensors often share memory (views, one tensor
+    saved by two operations); each underlying storage is counted once.
     """
     param_storages = {_storage_key(p) for p in params}
-    seen = {}
+    by_shape = {}
+    if cast_dtype in HALF:
+        for p in params:
+            if p.dtype == torch.float32 and p.dim() == 2:
+                by_shape.setdefault(tuple(p.shape), []).append(p)
+                by_shape.setdefault(tuple(p.shape)[::-1], []).append(p)
+    seen, candidates = {}, {}
 
     def pack(t):
         key = _storage_key(t)
-        if key not in param_storages and key not in seen:
-            seen[key] = t.untyped_storage().nbytes()
+        if key not in param_storages and key not in seen and key not in candidates:
+            if t.dtype == cast_dtype and tuple(t.shape) in by_shape:
+                candidates[key] = t  # decided after the forward pass, when the comparison cannot disturb it
+            else:
+                seen[key] = t.untyped_storage().nbytes()
         return t
 
-    result = {"bytes": 0}
+    def is_weight_cast(t) -> bool:
+        with torch.no_grad():
+            return any(torch.equal(t, w.detach().to(cast_dtype)) or torch.equal(t, w.detach().t().to(cast_dtype))
+                       for w in by_shape[tuple(t.shape)] if w.numel() == t.numel())
+
+    result = {"bytes": 0, "weight_cast_bytes": 0}
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         yield result
+    casts = 0
+    for key, t in candidates.items():
+        if is_weight_cast(t):
+            casts += t.untyped_storage().nbytes()
+        else:
+            seen[key] = t.untyped_storage().nbytes()
     result["bytes"] = sum(seen.values())
+    result["weight_cast_bytes"] = casts
 
 
 class PeakMemory:
@@ -181,6 +208,10 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
         raise ValueError("Nothing to train: no parameter has requires_grad. Apply a method or a freezing choice first.")
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}.")
+    half = sorted({str(p.dtype) for p in params if p.dtype != torch.float32})
+    if half:
+        raise ValueError(f"The trainable parameters are {', '.join(half)}: train fp32 master weights. For full "
+                         "fine-tuning or a freezing choice use models.fresh_copy(base), which copies in fp32.")
     device = next(tuned.parameters()).device
     dtype = models.compute_dtype(device)
     info = getattr(tuned, "peft_lab_info", None) or getattr(getattr(tuned, "base_model", None), "peft_lab_info", {}) or {}
@@ -194,7 +225,8 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
         device=str(device), quick=data_mod.quick_mode(),
     )
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    # fused AdamW: one kernel for all parameters instead of several per tensor (GPU only)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
     stream = data_mod.endless_batches(task.train, task, tokenizer, batch_size, max_length, seed)
@@ -206,8 +238,8 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
             for step in range(steps):
                 batch = data_mod.to_device(next(stream), device)
                 started = time.perf_counter()
-                counting = count_saved_activations(unique) if step == measure_at else contextlib.nullcontext({})
-                with counting as saved, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                counting = count_saved_activations(unique, dtype) if step == measure_at else contextlib.nullcontext({})
+                with counting as saved, models.autocast(device):
                     loss = loss_on(tuned, batch)
                 scaler.scale(loss).backward()
                 if step == measure_at:
@@ -224,11 +256,17 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
                 if step == measure_at:
                     record.memory = {
                         "weights": tensor_bytes(unique),
+                        "weight_dtypes": _numbers_by_dtype(unique),
                         "gradients": grad_bytes,
-                        "optimizer": optimizer_state_bytes(optimizer),
+                        "optimizer": None,
+                        "weight_casts": saved["weight_cast_bytes"],
                         "activations": saved["bytes"],
                         "batch": [int(x) for x in batch["input_ids"].shape],
                     }
+                # AdamW creates its state on its first real step; under fp16 loss scaling the first
+                # steps may be skipped (inf gradients), so the state is read once it exists.
+                if record.memory and record.memory["optimizer"] is None and len(optimizer.state) == len(params):
+                    record.memory["optimizer"] = optimizer_state_bytes(optimizer)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record.losses[-1]:.3f}")
                 if on_step is not None:
@@ -236,11 +274,22 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
     finally:
         bar.close()
         tuned.eval()
+    if record.memory.get("optimizer") is None:
+        record.memory["optimizer"] = optimizer_state_bytes(optimizer)  # 0 if every step was skipped
     record.memory["process_peak"] = peak.peak
     record.memory["peak_kind"] = "cuda max allocated" if device.type == "cuda" else "resident set size"
     if log:
         save_run(record)
     return record
+
+
+def _numbers_by_dtype(tensors) -> dict:
+    """How many numbers are stored in each dtype, e.g. {"bfloat16": 134_515_008, "float32": 460_800}."""
+    counts = {}
+    for t in tensors:
+        name = str(t.dtype).replace("torch.", "")
+        counts[name] = counts.get(name, 0) + t.numel()
+    return counts
 
 
 def _model_name(tuned) -> str:

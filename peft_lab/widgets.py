@@ -58,7 +58,10 @@ class ExperimentPanel:
         values = self.values()
         steps, lr = int(values.pop("steps")), float(values.pop("lr"))
         self.status.value = "training ..."
-        start = models.fresh_copy(self.base) if self.copy_base else self.base
+        # True: a trainable fp32 copy (freezing choices); "frozen": a frozen copy in the base's own
+        # precision for a method to attach to (LoRA, prefix); False: the base itself (soft prompts)
+        start = (models.fresh_copy(self.base) if self.copy_base is True
+                 else models.frozen_copy(self.base) if self.copy_base == "frozen" else self.base)
         tuned = self.make_tuned(start, **values)
         fig, ax = plt.subplots(figsize=(6, 3))
 
@@ -161,7 +164,7 @@ def lora_panel(base, tokenizer, task, steps: int = 20, lr: float = 1e-3, compare
         short = ",".join(t.split("_")[0] for t in values["targets"])
         return f"LoRA r={values['rank']} ({short})"
 
-    return ExperimentPanel(base, tokenizer, task, controls, make_tuned, title="LoRA",
+    return ExperimentPanel(base, tokenizer, task, controls, make_tuned, copy_base="frozen", title="LoRA",
                            method_label=label, compare_with=compare_with)
 
 
@@ -200,7 +203,7 @@ def prefix_panel(base, tokenizer, task, steps: int = 20, lr: float = 1e-3, compa
         return (f"prefix P={values['length']}" + (" +MLP" if values["reparametrize"] else "")
                 + f" ({values['init']})")
 
-    return ExperimentPanel(base, tokenizer, task, controls, make_tuned, title="Prefix tuning",
+    return ExperimentPanel(base, tokenizer, task, controls, make_tuned, copy_base="frozen", title="Prefix tuning",
                            method_label=label, compare_with=compare_with)
 
 
