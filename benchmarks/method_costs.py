@@ -32,7 +32,9 @@ def main():
     runs = {}
     for _ in range(args.rounds):
         for name, make in METHODS.items():
-            tuned = make(models.fresh_copy(base))
+            # full fine-tuning and freezing train fp32 master weights; PEFT methods attach to a frozen copy
+            start = models.fresh_copy(base) if name in ("full", "last block") else models.frozen_copy(base)
+            tuned = make(start)
             run = train.fit(tuned, tok, task, steps=args.steps, lr=1e-5, log=False, progress=False, method=name)
             times[name] += run.step_seconds[1:]
             runs[name] = run

@@ -38,7 +38,8 @@ _FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.empt
 # Methods that make a new tensor on the device of ``self`` unless told otherwise.
 _NEW_LIKE = {T.new_zeros, T.new_ones, T.new_empty, T.new_full, T.new_tensor}
 # Operations a GPU allows across devices: copying in, assigning, indexing with host indices.
-_CROSS_DEVICE_OK = {T.copy_, T.__setitem__, T.__getitem__, T.index_put_, T.__deepcopy__, T.set_}
+_CROSS_DEVICE_OK = {T.copy_, T.__setitem__, T.__getitem__, T.index_put_, T.__deepcopy__, T.set_,
+                    torch._has_compatible_shallow_copy_type}  # a type check inside Module.to, no arithmetic
 # Operations a GPU refuses on an accelerator tensor.
 _HOST_ONLY = {T.numpy, T.__array__}
 
@@ -98,8 +99,11 @@ class SimulatedAccelerator(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is T.to:
             target = _target_of_to(args[0], args[1:], kwargs)
+            accelerator = on_accelerator(args[0]) if target is None else target
             out = func(*args, **kwargs)
-            return out if target is None and out is not args[0] else _placed(out, on_accelerator(args[0]) if target is None else target)
+            if out is not args[0]:  # a new tensor (another dtype): it lives where it was sent
+                return _tag_all(out) if accelerator else out
+            return _placed(out, accelerator)  # the same object: a real move would make a new one
         if func is T.cpu:
             return _placed(func(*args, **kwargs), False)
         if func is T.cuda:

@@ -30,7 +30,7 @@ if "google.colab" in sys.modules and importlib.util.find_spec("peft_lab") is Non
                  "pip install -q gguf -e /content/peft-lab"):
         done = subprocess.run(step, shell=True, capture_output=True, text=True)
         if done.returncode != 0:
-            raise RuntimeError(f"{{step}}\nfailed:\n{{done.stdout}}{{done.stderr}}")
+            raise RuntimeError(f"{{step}}\\nfailed:\\n{{done.stdout}}{{done.stderr}}")
     sys.path.insert(0, "/content/peft-lab")
 
 from peft_lab import notebook

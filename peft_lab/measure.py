@@ -41,6 +41,16 @@ def _device(model):
 
 # --- task accuracy ------------------------------------------------------------------------------
 
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple:
+    """The 95 % Wilson interval of an accuracy of ``correct`` out of ``n`` (sound near 0 and 1, unlike +-2 SE)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
 @torch.no_grad()
 def accuracy(tuned, tokenizer, task, split: str = "test", limit: int | None = None, batch_size: int = 16,
              max_length: int = 64) -> dict:

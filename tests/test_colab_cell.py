@@ -30,3 +30,9 @@ def test_write_all_repairs_a_drifted_cell(tmp_path):
     fixed = json.loads((tmp_path / "00_x.ipynb").read_text(encoding="utf-8"))
     assert "".join(colab.first_code_cell(fixed)["source"]) == colab.first_cell()
     assert colab.write_all(tmp_path) == []
+
+
+def test_first_cell_is_valid_python():
+    import ast
+
+    ast.parse(colab.first_cell())

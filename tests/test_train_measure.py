@@ -118,3 +118,11 @@ def test_greedy_probe_scoring_matches_generation(tiny_llama, tokenizer):
     scores = measure.score_probes(tiny_llama, tokenizer, probes)
     assert all(s["greedy_right"] for s in scores)
     assert all(s["logprob"] <= 0 and math.isfinite(s["logprob"]) for s in scores)
+
+
+def test_wilson_interval():
+    low, high = measure.wilson(142, 160)  # 88.75 %
+    assert low < 142 / 160 < high
+    assert (round(low, 3), round(high, 3)) == (0.829, 0.928)
+    assert measure.wilson(0, 10)[0] == 0.0 and measure.wilson(10, 10)[1] == 1.0
+    assert measure.wilson(600, 1200)[1] - measure.wilson(600, 1200)[0] < measure.wilson(50, 100)[1] - measure.wilson(50, 100)[0]
