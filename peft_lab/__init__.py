@@ -1,7 +1,17 @@
 """peft_lab: the helper package of the peft-lab workbook.
 
-One module per idea (see README.md): models, data, freeze, lora, prefix, prompt, train, measure,
-plots, widgets. Import the module you need, e.g. ``from peft_lab import lora``.
+Floors, dependencies pointing downwards (see README.md):
+
+* ground: ``models`` (loading, device, precision), ``data`` (tasks, batching);
+* methods: ``methods/`` - LoRA, prefix, prompt, freezing, DoRA, IA3, each behind one contract
+  (``methods/base.py``) and found through a registry (``methods.get("lora")``);
+* engine: ``train`` (one loop), ``runlog`` (run records and the run log), ``measure``;
+* face: ``plots``, ``widgets``, ``notebook``.
+
+Import the module you need, e.g. ``from peft_lab import lora`` (the method modules are re-exported
+here under their short names).
 """
+
+from .methods import freeze, lora, prefix, prompt  # noqa: F401  (``from peft_lab import lora`` keeps working)
 
 __version__ = "0.1.0"

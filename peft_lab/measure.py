@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_mod
-from . import freeze, models, train
+from . import models, train
+from .methods import freeze
 
 
 

@@ -14,7 +14,8 @@ import ipywidgets as W
 import matplotlib.pyplot as plt
 from IPython.display import clear_output, display
 
-from . import freeze, measure, models, plots, train
+from . import measure, models, plots, train
+from .methods import freeze
 
 
 class ExperimentPanel:
@@ -139,7 +140,7 @@ def lora_panel(base, tokenizer, task, steps: int = 20, lr: float = 1e-3, compare
     Explained in notebook 02_lora, section "Explore". Each run wraps a fresh copy of ``base`` with
     ``lora.apply`` and joins the comparison with ``compare_with`` (e.g. full fine-tuning).
     """
-    from . import lora
+    from .methods import lora
 
     names = set(lora.linear_module_names(base))
     options = [t for t in LORA_TARGETS if t in names] or sorted(names)  # GPT-2 style models: c_attn, ...
@@ -182,7 +183,7 @@ def prefix_panel(base, tokenizer, task, steps: int = 20, lr: float = 1e-3, compa
     reparametrised prefix is not folded: folding changes no output). The length starts at the init
     text's token count.
     """
-    from . import prefix
+    from .methods import prefix
 
     text_tokens = len(tokenizer(PREFIX_INIT_TEXT).input_ids)
     controls = {
@@ -217,7 +218,7 @@ def prompt_panel(base, tokenizer, task, steps: int = 20, lr: float = 3e-2, compa
     """
     import torch
 
-    from . import prompt
+    from .methods import prompt
 
     controls = {
         "length": W.IntSlider(value=20, min=1, max=100, description="prompt length"),
