@@ -12,66 +12,21 @@ measures what a step costs, *in a real step*:
 * the process peak: CUDA's peak allocator figure on a GPU, the resident set size on a CPU;
 * seconds per step and tokens per second, after a warm-up step.
 
-Every run is appended to a run log (a JSON-lines file) so later notebooks can compare methods
-without training again.
+Every run is appended to the run log (``runlog``: a JSON-lines file) so later notebooks can compare
+methods without training again.
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import threading
 import time
-import uuid
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from . import data as data_mod
 from . import models
-
-
-@dataclass
-class RunRecord:
-    """What one training run did and cost. ``metrics`` is filled in later by ``measure``."""
-
-    method: str
-    task: str
-    config: dict
-    trainable_params: int
-    total_params: int
-    losses: list = field(default_factory=list)
-    step_seconds: list = field(default_factory=list)
-    tokens_per_step: list = field(default_factory=list)
-    memory: dict = field(default_factory=dict)
-    metrics: dict = field(default_factory=dict)
-    model: str = ""
-    device: str = "cpu"
-    quick: bool = False
-    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
-    created: float = field(default_factory=time.time)
-
-    @property
-    def seconds_per_step(self) -> float:
-        """Median seconds per step, the warm-up step left out (it pays one-off allocation costs)."""
-        times = self.step_seconds[1:] or self.step_seconds
-        return float(sorted(times)[len(times) // 2]) if times else float("nan")
-
-    @property
-    def tokens_per_second(self) -> float:
-        if len(self.step_seconds) < 2:
-            return float("nan")
-        return sum(self.tokens_per_step[1:]) / sum(self.step_seconds[1:])
-
-    def summary(self) -> dict:
-        return {"method": self.method, "trainable": self.trainable_params,
-                "s/step": round(self.seconds_per_step, 3), "tokens/s": round(self.tokens_per_second, 1),
-                "final loss": round(sum(self.losses[-5:]) / max(1, len(self.losses[-5:])), 4), **self.metrics}
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from .runlog import RunRecord, latest_run, load_runs, run_log_path, save_run  # noqa: F401  (the run log lives in runlog)
 
 
 def trainable_parameters(tuned) -> list:
@@ -196,7 +151,7 @@ def optimizer_state_bytes(optimizer) -> int:
 
 def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: int = 8, max_length: int = 64,
         seed: int = 0, weight_decay: float = 0.0, method: str | None = None, on_step=None,
-        progress: bool = True, log: bool = True, warmup_steps: int = 0) -> RunRecord:
+        progress: bool = True, log: bool = True, warmup_steps: int = 0, label: str = "") -> RunRecord:
     """Train ``tuned`` on ``task.train`` for ``steps`` steps; return a ``RunRecord``.
 
     Explained in notebook 01, "The training loop". ``on_step(record)`` is called after every step
@@ -221,7 +176,7 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
         config={"steps": steps, "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed,
                 "weight_decay": weight_decay, "warmup_steps": warmup_steps, **{k: v for k, v in info.items() if k != "method"}},
         trainable_params=sum(p.numel() for p in params), total_params=sum(p.numel() for p in unique),
-        model=_model_name(tuned),
+        model=_model_name(tuned), label=label,
         device=str(device), quick=data_mod.quick_mode(),
     )
     torch.manual_seed(seed)
@@ -241,6 +196,8 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
                 counting = count_saved_activations(unique, dtype) if step == measure_at else contextlib.nullcontext({})
                 with counting as saved, models.autocast(device):
                     loss = loss_on(tuned, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(_non_finite_message(loss, step, lr, dtype))
                 scaler.scale(loss).backward()
                 if step == measure_at:
                     grad_bytes = tensor_bytes(p.grad for p in params if p.grad is not None)
@@ -271,9 +228,18 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
                 bar.set_postfix(loss=f"{record.losses[-1]:.3f}")
                 if on_step is not None:
                     on_step(record)
+    except KeyboardInterrupt:
+        # Interrupting (Kernel > Interrupt) keeps what was learned: the tuned model is usable, the
+        # base untouched; the partial run is returned but not logged, so it never stands in for a full one.
+        record.config["interrupted_after_steps"] = len(record.losses)
+        log = False
+        print(f"Stopped after {len(record.losses)} of {steps} steps; the model keeps what it learned so far "
+              "(this partial run is not written to the run log).")
     finally:
         bar.close()
         tuned.eval()
+    if not record.memory:
+        return record  # interrupted before the memory was measured
     if record.memory.get("optimizer") is None:
         record.memory["optimizer"] = optimizer_state_bytes(optimizer)  # 0 if every step was skipped
     record.memory["process_peak"] = peak.peak
@@ -281,6 +247,13 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
     if log:
         save_run(record)
     return record
+
+
+def _non_finite_message(loss, step: int, lr: float, dtype) -> str:
+    cause = (f"the learning rate ({lr:g}) is probably too high: try one ten times smaller"
+             if dtype != torch.float16 else
+             "fp16 probably overflowed: run in bf16 or fp32 (PEFT_LAB_PRECISION=fp32), or lower the learning rate")
+    return f"The loss became {loss.item()} at step {step + 1}; {cause}. The tuned model may hold non-finite numbers now: start again from a fresh copy."
 
 
 def _numbers_by_dtype(tensors) -> dict:
@@ -305,39 +278,3 @@ def _progress(steps, enabled, label):
     from tqdm.auto import tqdm
 
     return tqdm(total=steps, desc=f"training {label}", disable=not enabled, leave=False)
-
-
-# --- the run log --------------------------------------------------------------------------------
-
-def run_log_path() -> Path:
-    """$PEFT_LAB_RUNLOG, else runs.jsonl in the model cache folder (shared by every notebook)."""
-    return Path(os.environ.get("PEFT_LAB_RUNLOG", models.cache_dir() / "runs.jsonl"))
-
-
-def save_run(record: RunRecord) -> None:
-    """Append ``record`` to the run log; a later entry with the same ``run_id`` supersedes it."""
-    path = run_log_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record.to_dict()) + "\n")
-
-
-def load_runs(method: str | None = None, task: str | None = None, quick: bool | None = None) -> list:
-    """Runs from the log, oldest first, filtered; by default only those of the current mode (quick or full)."""
-    path = run_log_path()
-    if not path.exists():
-        return []
-    latest = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            latest[row["run_id"]] = RunRecord(**row)
-    quick = data_mod.quick_mode() if quick is None else quick
-    return [r for r in latest.values()
-            if (method is None or r.method == method) and (task is None or r.task == task) and r.quick == quick]
-
-
-def latest_run(method: str, task: str | None = None):
-    """The newest logged run of ``method`` (in the current mode), or None."""
-    runs = load_runs(method, task)
-    return runs[-1] if runs else None

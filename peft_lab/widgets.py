@@ -125,7 +125,8 @@ def freezing_panel(base, tokenizer, task, steps: int = 20, lr: float = 2e-5, com
         return freeze.apply(model, choice, n=n, verbose=False)
 
     def label(values):
-        return f"last {values['n']}" if values["choice"] == "last_n" else values["choice"]
+        # "freeze ..." keeps panel runs apart from notebook 01's full fine-tuning baselines in the run log
+        return "freeze " + (f"last {values['n']}" if values["choice"] == "last_n" else values["choice"])
 
     return ExperimentPanel(base, tokenizer, task, controls, make_tuned, title="Freezing choices",
                            method_label=label, compare_with=compare_with)

@@ -15,6 +15,8 @@ REGISTRY = {
     "lora": "lora",
     "prefix": "prefix",
     "prompt": "prompt",
+    "dora": "dora",
+    "ia3": "ia3",
 }
 
 

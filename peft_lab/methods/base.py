@@ -1,0 +1,42 @@
+"""The method contract: what every PEFT method module offers, and what every tuned model it makes offers.
+
+Explained in notebook 06_beyond_lora, section 1. tests/test_method_contract.py checks it for every
+method in ``methods.REGISTRY``: a new method gets the check for free.
+
+A method module (``lora.py``, ``prefix.py``, ...) offers
+
+    apply(model, **settings) -> tuned     attach the method; the base model's weights become frozen
+    save(tuned, folder) -> Path           the trained numbers only, in HF peft's layout where peft has
+                                          the method (adapter_config.json + adapter_model.safetensors)
+    load(model, folder) -> tuned          the saved method attached to ``model``; FileNotFoundError when
+                                          the folder holds nothing, ValueError for another method,
+                                          another base, other shapes or a damaged file
+    remove(tuned) -> model                the original model back: weights bit-identical, every
+                                          ``requires_grad`` as it was before ``apply``
+    merge / unmerge / fold (optional)     fold the update into the base weights and take it out again
+
+A tuned model
+
+    * is called like the base model and returns ``.logits`` for the *real* tokens only
+      (``(batch, tokens, vocab)``), whatever virtual positions the method adds;
+    * has ``generate(input_ids, max_new_tokens=..., ...)`` returning prompt + new ids;
+    * carries ``peft_lab_info``: a dict with ``"method"`` (its registry name) and its settings;
+    * trains exactly what has ``requires_grad`` (``train.fit`` optimises those and nothing else);
+    * never changes the base weights, in training or in measuring (``remove`` shows it).
+
+``train.fit``, ``measure`` and the panels rely on these points and on nothing else.
+"""
+from __future__ import annotations
+
+REQUIRED = ("apply", "save", "load", "remove")
+OPTIONAL = ("merge", "unmerge", "fold")
+
+
+def missing_functions(module) -> list:
+    """The contract functions ``module`` does not define (empty when it conforms)."""
+    return [name for name in REQUIRED if not callable(getattr(module, name, None))]
+
+
+def info(tuned) -> dict:
+    """The ``peft_lab_info`` of a tuned model (method name and settings), or {} for a plain model."""
+    return dict(getattr(tuned, "peft_lab_info", None) or {})

@@ -1,0 +1,156 @@
+"""Run records and the run log: what each training run did and cost, kept across notebooks.
+
+Explained in notebook 01_full_finetuning_and_freezing, section 2.
+
+The run log is a JSON-lines file ($PEFT_LAB_RUNLOG, else runs.jsonl in the model cache folder), one
+run record a line, appended by ``train.fit`` and again by ``measure.evaluate_run`` (a later line with
+the same ``run_id`` supersedes the earlier one). Later notebooks read it to compare methods without
+training again. Runs are kept apart by method, settings, model and mode (quick or full): a lookup
+names what it wants (``latest_run("full", "reviews", lr=2e-5)``), not just a method word.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import uuid
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from . import data as data_mod
+from . import models
+
+# settings worth naming in a label, in this order, with their short names
+LABEL_SETTINGS = (("rank", "r="), ("targets", ""), ("num_virtual_tokens", "P="), ("init", "init "),
+                  ("choice", ""), ("n", "n="), ("lr", "lr "))
+
+
+@dataclass
+class RunRecord:
+    """What one training run did and cost. ``metrics`` is filled in later by ``measure``."""
+
+    method: str
+    task: str
+    config: dict
+    trainable_params: int
+    total_params: int
+    losses: list = field(default_factory=list)
+    step_seconds: list = field(default_factory=list)
+    tokens_per_step: list = field(default_factory=list)
+    memory: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    model: str = ""
+    device: str = "cpu"
+    quick: bool = False
+    label: str = ""
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    created: float = field(default_factory=time.time)
+
+    def __post_init__(self):
+        self.label = self.label or default_label(self.method, self.config)
+
+    @property
+    def seconds_per_step(self) -> float:
+        """Median seconds per step, the warm-up step left out (it pays one-off allocation costs)."""
+        times = self.step_seconds[1:] or self.step_seconds
+        return float(sorted(times)[len(times) // 2]) if times else float("nan")
+
+    @property
+    def tokens_per_second(self) -> float:
+        if len(self.step_seconds) < 2:
+            return float("nan")
+        return sum(self.tokens_per_step[1:]) / sum(self.step_seconds[1:])
+
+    def summary(self) -> dict:
+        return {"method": self.method, "label": self.label, "trainable": self.trainable_params,
+                "s/step": round(self.seconds_per_step, 3), "tokens/s": round(self.tokens_per_second, 1),
+                "final loss": round(sum(self.losses[-5:]) / max(1, len(self.losses[-5:])), 4), **self.metrics}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_label(method: str, config: dict) -> str:
+    """A run's name with its settings, e.g. "lora r=8 q_proj,v_proj, lr 0.0002" or "full, lr 2e-5"."""
+    parts = []
+    for key, short in LABEL_SETTINGS:
+        value = config.get(key)
+        if value is None or value == "" or (key == "n" and config.get("choice") != "last_n"):
+            continue
+        if isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
+        text = f"{value:g}".replace("e-0", "e-") if isinstance(value, float) else str(value)  # 2e-05 -> 2e-5
+        parts.append(short + text)
+    head = " ".join([method] + [p for p in parts if not p.startswith("lr ")])
+    lr = [p for p in parts if p.startswith("lr ")]
+    return ", ".join([head] + lr)
+
+
+def run_log_path() -> Path:
+    """$PEFT_LAB_RUNLOG, else runs.jsonl in the model cache folder (shared by every notebook)."""
+    return Path(os.environ.get("PEFT_LAB_RUNLOG", models.cache_dir() / "runs.jsonl"))
+
+
+@contextlib.contextmanager
+def _locked(f):
+    """An exclusive lock on an open file where the system has one, so two processes never interleave lines."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: appends of one short line are close to atomic anyway
+        yield
+        return
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def save_run(record: RunRecord) -> None:
+    """Append ``record`` to the run log; a later entry with the same ``run_id`` supersedes it."""
+    path = run_log_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record.to_dict()) + "\n"
+    with open(path, "a", encoding="utf-8") as f, _locked(f):
+        f.write(line)
+        f.flush()
+
+
+_KNOWN_FIELDS = {f.name for f in fields(RunRecord)}
+
+
+def load_runs(method: str | None = None, task: str | None = None, quick: bool | None = None,
+              model: str | None = None, **settings) -> list:
+    """Runs from the log, oldest first, filtered by method, task, model and ``settings`` (config values,
+    e.g. ``lr=2e-5``); by default only those of the current mode (quick or full).
+
+    A line that cannot be read (a crash mid-write, a hand edit) is skipped with a warning; the rest is kept.
+    """
+    path = run_log_path()
+    if not path.exists():
+        return []
+    latest, broken = {}, []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            record = RunRecord(**{k: v for k, v in row.items() if k in _KNOWN_FIELDS})
+        except (ValueError, TypeError) as err:
+            broken.append(f"line {number} ({type(err).__name__})")
+            continue
+        latest[record.run_id] = record
+    if broken:
+        warnings.warn(f"run log {path}: skipped unreadable {', '.join(broken)}; the other runs are kept", stacklevel=2)
+    quick = data_mod.quick_mode() if quick is None else quick
+    return [r for r in latest.values()
+            if (method is None or r.method == method) and (task is None or r.task == task) and r.quick == quick
+            and (model is None or r.model == model) and all(r.config.get(k) == v for k, v in settings.items())]
+
+
+def latest_run(method: str, task: str | None = None, **settings):
+    """The newest logged run of ``method`` with these ``settings`` (in the current mode), or None."""
+    runs = load_runs(method, task, **settings)
+    return runs[-1] if runs else None
