@@ -11,7 +11,9 @@ So full fine-tuning, LoRA, prefix and prompt tuning all train one objective (cro
 verbalizer token), and accuracy is the argmax over the verbalizer tokens only.
 
 Project data (written for this project, in ``data/``): ``reviews.jsonl`` (sentiment),
-``fact_probes.jsonl`` (fact recall), ``general_prose.txt`` (encyclopedic prose). Hub data sets
+``fact_probes.jsonl`` (fact recall), ``general_prose.txt`` (encyclopedic prose),
+``fictional_world.jsonl`` (invented facts to learn; ``load_facts``). The reviews also make a 6-way
+task, ``review_domain`` (what a review is about). Hub data sets
 (sst2, rotten_tomatoes, sms_spam, ag_news, wikitext-2) are loaded through ``datasets`` when a network
 is there; each loader also takes a local file in the same format (``source=``).
 """
@@ -147,8 +149,21 @@ def _two_split_task(name, hub_id, text_col, label_names, verbalizer, template, s
     return Task(name, train[cut:], train[:cut], test, verbalizer, template)
 
 
+REVIEW_DOMAIN_TEMPLATE = "Review: {text}\nTopic:"
+VERBALIZER_DOMAIN = {"film": " film", "product": " product", "restaurant": " restaurant",
+                     "app": " app", "book": " book", "travel": " travel"}
+
+
+def _review_domain() -> Task:
+    """The same reviews and the same fixed split as ``reviews``, labelled by what they review (6-way)."""
+    rows = read_jsonl(DATA_DIR / "reviews.jsonl")
+    split = {s: [(r["text"], r["domain"]) for r in rows if r["split"] == s] for s in ("train", "val", "test")}
+    return Task("review_domain", split["train"], split["val"], split["test"], VERBALIZER_DOMAIN,
+                REVIEW_DOMAIN_TEMPLATE)
+
+
 def load_task(name: str = "reviews", source=None) -> Task:
-    """Load a task by name. Explained in notebook 00, "The task".
+    """Load a task by name. Explained in notebook 00_setup_and_baseline, section 2.
 
     ``reviews`` is the project's own data (offline). ``sst2``, ``rotten_tomatoes``, ``sms_spam`` and
     ``ag_news`` come from the hub through ``datasets``, or from ``source``, a local file in the hub's
@@ -157,6 +172,7 @@ def load_task(name: str = "reviews", source=None) -> Task:
     neg_pos = ["negative", "positive"]
     loaders = {
         "reviews": lambda: _reviews(),
+        "review_domain": lambda: _review_domain(),
         "sms_spam": lambda: _sms_spam(source),
         "sst2": lambda: _two_split_task("sst2", "stanfordnlp/sst2", "sentence", neg_pos,
                                         VERBALIZER_SENTIMENT, REVIEW_TEMPLATE, source),
@@ -177,6 +193,26 @@ def load_task(name: str = "reviews", source=None) -> Task:
 def load_probes() -> list:
     """Fact-recall probes: dicts with ``prompt``, ``answer``, ``topic`` (written for this project)."""
     return read_jsonl(DATA_DIR / "fact_probes.jsonl")
+
+
+def load_facts() -> list:
+    """Invented facts about a fictional world no model has seen (``fictional_world.jsonl``).
+
+    Each fact is a dict with ``id``, ``topic``, ``train`` (one sentence stating the fact, to train on),
+    ``questions`` (two or more held-out prompts that end right before the answer) and ``answer``.
+    """
+    return read_jsonl(DATA_DIR / "fictional_world.jsonl")
+
+
+def fact_training_texts(facts: list) -> list:
+    """The training sentences of ``facts``, one per fact."""
+    return [f["train"] for f in facts]
+
+
+def fact_questions(facts: list) -> list:
+    """Every held-out question of ``facts`` as a probe (``prompt``, ``answer``, ``topic``), the format of
+    ``load_probes()``, so ``measure.score_probes`` scores them."""
+    return [{"prompt": q, "answer": f["answer"], "topic": f["topic"]} for f in facts for q in f["questions"]]
 
 
 def load_prose(source: str | None = None) -> str:

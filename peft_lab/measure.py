@@ -72,6 +72,25 @@ def accuracy(tuned, tokenizer, task, split: str = "test", limit: int | None = No
             "predictions": [task.labels[i] for i in predictions]}
 
 
+def accuracy_interval(result: dict) -> tuple:
+    """The 95 % Wilson interval of an ``accuracy`` result, or of a run's metrics (accuracy and test_n)."""
+    n = result.get("n", result.get("test_n"))
+    return wilson(round(result["accuracy"] * n), n)
+
+
+def verdict(a: dict, b: dict) -> str:
+    """"higher", "lower" or "no measurable difference": accuracy ``a`` against ``b`` (each an ``accuracy``
+    result or a run's metrics), judged by whether their 95 % intervals overlap. Overlap is a cautious
+    test: a real but small difference can hide in it, which is exactly what the words say."""
+    low_a, high_a = accuracy_interval(a)
+    low_b, high_b = accuracy_interval(b)
+    if low_a > high_b:
+        return "higher"
+    if high_a < low_b:
+        return "lower"
+    return "no measurable difference"
+
+
 # --- forgetting ---------------------------------------------------------------------------------
 
 def _probe_rows(tokenizer, probes):

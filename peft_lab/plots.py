@@ -108,7 +108,7 @@ def singular_values(matrices: dict, ax=None, top: int | None = 64):
     """Singular values of each matrix (e.g. a learned update B A), each divided by its largest, log scale.
 
     A rank-r matrix shows r values and then a cliff down to float rounding: the picture of "low rank".
-    Explained in notebook 02_lora, section "How low is the rank?".
+    Explained in notebook 02_lora, section 7.
     """
     import torch
 
@@ -161,3 +161,31 @@ def prefix_attention(weights, num_virtual_tokens: int, tokens=None, share_by_lay
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def accuracy_intervals(runs, zero_shot: dict | None = None, ax=None, title: str = "Test accuracy with 95 % intervals"):
+    """Each run's test accuracy as a dot with its 95 % Wilson interval, the zero-shot line (and its band)
+    behind them, on a range that shows every interval whole but no more. Explained in notebook 06_beyond_lora, section 4."""
+    runs = runs if isinstance(runs, (list, tuple)) else [runs]
+    ax = _axes(ax, (max(5.5, 1.3 * len(runs)), 3.6))
+    lows, highs = [], []
+    for i, run in enumerate(runs):
+        low, high = measure.accuracy_interval(run.metrics)
+        acc = run.metrics["accuracy"]
+        ax.errorbar(i, acc, yerr=[[acc - low], [high - acc]], fmt="o", color="#1b9e77", capsize=5)
+        lows.append(low)
+        highs.append(high)
+    if zero_shot is not None:
+        low, high = measure.accuracy_interval(zero_shot)
+        ax.axhline(zero_shot["accuracy"], color="gray", ls="--", label=f"zero-shot {zero_shot['accuracy']:.1%}")
+        ax.axhspan(low, high, color="gray", alpha=0.12, label="zero-shot 95 % interval")
+        lows.append(low)
+        highs.append(high)
+    pad = 0.1 * (max(highs) - min(lows))
+    ax.set_ylim(max(0.0, min(lows) - pad), min(1.0, max(highs) + pad))
+    ax.set_xticks(range(len(runs)), [_label(r) for r in runs], rotation=20, ha="right")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    if zero_shot is not None:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax

@@ -151,12 +151,17 @@ def optimizer_state_bytes(optimizer) -> int:
 
 def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: int = 8, max_length: int = 64,
         seed: int = 0, weight_decay: float = 0.0, method: str | None = None, on_step=None,
-        progress: bool = True, log: bool = True, warmup_steps: int = 0, label: str = "") -> RunRecord:
+        progress: bool = True, log: bool = True, warmup_steps: int = 0, label: str = "",
+        lr_scale: dict | None = None) -> RunRecord:
     """Train ``tuned`` on ``task.train`` for ``steps`` steps; return a ``RunRecord``.
 
     Explained in notebook 01, "The training loop". ``on_step(record)`` is called after every step
     (the widgets use it to redraw the loss curve live). With ``log`` the run is appended to the run
-    log. Seeded: the same call gives the same losses on the same machine.
+    log. Seeded: the same call gives the same losses on the same machine (the method's own random
+    start comes from the global generator: seed it before ``apply``).
+
+    ``lr_scale`` gives some parameters a multiple of ``lr``, by a piece of their name: LoRA+ is
+    ``lr_scale={"lora_B": 16}`` (B learns 16 times faster than A). Explained in notebook 06_beyond_lora, section 4.
     """
     params = trainable_parameters(tuned)
     if not params:
@@ -174,6 +179,7 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
     record = RunRecord(
         method=method or info.get("method", "custom"), task=task.name,
         config={"steps": steps, "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed,
+                **({"lr_scale": lr_scale} if lr_scale else {}),
                 "weight_decay": weight_decay, "warmup_steps": warmup_steps, **{k: v for k, v in info.items() if k != "method"}},
         trainable_params=sum(p.numel() for p in params), total_params=sum(p.numel() for p in unique),
         model=_model_name(tuned), label=label,
@@ -181,7 +187,8 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
     )
     torch.manual_seed(seed)
     # fused AdamW: one kernel for all parameters instead of several per tensor (GPU only)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(_param_groups(tuned, params, lr, lr_scale), lr=lr, weight_decay=weight_decay,
+                                  fused=device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
     stream = data_mod.endless_batches(task.train, task, tokenizer, batch_size, max_length, seed)
@@ -247,6 +254,21 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
     if log:
         save_run(record)
     return record
+
+
+def _param_groups(tuned, params, lr: float, lr_scale: dict | None) -> list:
+    """AdamW parameter groups: one at ``lr``, plus one per ``lr_scale`` entry at ``lr * factor``."""
+    if not lr_scale:
+        return [{"params": params}]
+    names = {id(p): n for n, p in tuned.named_parameters()}
+    groups = {1.0: []}
+    for p in params:
+        factor = next((f for key, f in lr_scale.items() if key in names.get(id(p), "")), 1.0)
+        groups.setdefault(float(factor), []).append(p)
+    unused = [key for key in lr_scale if not any(key in names.get(id(p), "") for p in params)]
+    if unused:
+        raise ValueError(f"lr_scale names {unused}, which no trainable parameter's name contains.")
+    return [{"params": ps, "lr": lr * f} for f, ps in groups.items() if ps]
 
 
 def _non_finite_message(loss, step: int, lr: float, dtype) -> str:

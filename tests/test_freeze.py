@@ -4,15 +4,27 @@ import pytest
 from peft_lab import freeze
 
 
+# What each choice trains, written independently of freeze.py: name patterns per architecture.
+EXPECTED = {
+    "llama": {"attention": r"model\.layers\.\d+\.self_attn\.", "mlp": r"model\.layers\.\d+\.mlp\.",
+              "norms": r".*norm\.weight$", "embeddings": r"model\.embed_tokens\.", "head": r"model\.embed_tokens\.",
+              "last_n": r"(model\.layers\.1\.|model\.norm\.)", "full": r".*"},
+    "gpt2": {"attention": r"transformer\.h\.\d+\.attn\.", "mlp": r"transformer\.h\.\d+\.mlp\.",
+             "norms": r"transformer\.(h\.\d+\.)?ln_", "embeddings": r"transformer\.(wte|wpe)\.",
+             "head": r"transformer\.wte\.", "last_n": r"(transformer\.h\.1\.|transformer\.ln_f\.)", "full": r".*"},
+}
+
+
 @pytest.mark.parametrize("choice", list(freeze.CHOICES))
-def test_every_choice_leaves_some_but_only_the_chosen_parameters_trainable(tiny_model, choice):
+def test_every_choice_trains_exactly_the_named_part(tiny_model, choice):
+    import re
+
+    pattern = EXPECTED[tiny_model.config.model_type][choice]
     freeze.apply(tiny_model, choice, n=1, verbose=False)
-    counts = freeze.count(tiny_model)
-    assert 0 < counts["trainable"] <= counts["total"]
-    if choice == "full":
-        assert counts["trainable"] == counts["total"]
-    else:
-        assert counts["trainable"] < counts["total"]
+    names = [n for n, _ in tiny_model.named_parameters()]  # tied weights appear once, under their first name
+    trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    expected = {n for n in names if re.match(pattern, n)}
+    assert trainable == expected and trainable, f"{choice}: {sorted(trainable ^ expected)}"
 
 
 def test_last_n_trains_exactly_the_last_blocks_and_final_norm(tiny_llama):
@@ -46,4 +58,6 @@ def test_last_n_out_of_range(tiny_llama):
 
 def test_apply_prints_the_count(tiny_gpt2, capsys):
     freeze.apply(tiny_gpt2, "norms")
-    assert "norms" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    trainable = sum(p.numel() for p in tiny_gpt2.parameters() if p.requires_grad)
+    assert "norms" in out and f"{trainable:,}" in out

@@ -170,10 +170,12 @@ def test_text_init_of_exactly_p_tokens_does_not_warn(tiny_model, tokenizer):
 def test_save_load_round_trip(tiny_model, tmp_path, reparametrize):
     fresh = copy.deepcopy(tiny_model)
     tuned = prefix.apply(tiny_model, num_virtual_tokens=P, reparametrize=reparametrize, hidden=16)
-    prefix.save(tuned, tmp_path)
+    assert prefix.save(tuned, tmp_path) == tmp_path
     from safetensors.torch import load_file
-    saved = load_file(str(tmp_path / prefix.WEIGHTS_FILE))
-    assert list(saved) == ["prefix"] and saved["prefix"].shape == tuned.prefix_shape  # folded only
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))  # HF peft's layout: (P, layers * 2 * kv_width)
+    assert list(saved) == ["prompt_embeddings"] and saved["prompt_embeddings"].shape == (P, prefix.count_prefix_parameters(tuned) // P)
+    with torch.no_grad():  # folded only: the prefix itself, never the MLP
+        torch.testing.assert_close(saved["prompt_embeddings"], tuned.prefix_tensor().permute(3, 0, 1, 2, 4).reshape(P, -1))
     loaded = prefix.load(fresh, tmp_path)
     assert loaded.peft_lab_info["reparametrize"] is reparametrize
     with torch.no_grad():
@@ -191,7 +193,7 @@ def test_load_on_wrong_base_is_refused(tiny_gpt2, tiny_llama, tmp_path):
     cfg.n_layer = 3
     with pytest.raises(ValueError, match="num_hidden_layers: saved 2, this model 3"):
         prefix.load(GPT2LMHeadModel(cfg), tmp_path)
-    with pytest.raises(ValueError, match="no saved prefix"):
+    with pytest.raises(FileNotFoundError, match="no saved prefix"):
         prefix.load(tiny_llama, tmp_path / "missing")
 
 

@@ -206,7 +206,7 @@ def test_save_load_round_trip_and_wrong_base(tmp_path, tiny_model, tokenizer):
     torch.manual_seed(0)
     tuned = prompt.apply(tiny_model, num_virtual_tokens=P, init="random")
     prompt.save(tuned, tmp_path / "p")
-    assert sorted(f.name for f in (tmp_path / "p").iterdir()) == ["prompt.safetensors", "prompt_config.json"]
+    assert sorted(f.name for f in (tmp_path / "p").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
     again = prompt.load(make(), tmp_path / "p")
     assert torch.equal(again.prompt, tuned.prompt)

@@ -110,7 +110,8 @@ def test_forgetting_grows_when_the_model_is_changed(tiny_llama, tokenizer):
             p.add_(torch.randn_like(p) * 0.5)
     result = measure.forgetting(tiny_llama, changed, tokenizer, probes=probes, prose=prose)
     assert result["kl"] > 0.01
-    assert result["kept_logprob"] < 1.0 or result["answer_logprob_drop"] > 0
+    assert result["answer_logprob_drop"] > 0  # the right answers got less likely
+    assert result["ppl_tuned"] > result["ppl_base"]
 
 
 def test_greedy_probe_scoring_matches_generation(tiny_llama, tokenizer):
@@ -126,3 +127,22 @@ def test_wilson_interval():
     assert (round(low, 3), round(high, 3)) == (0.829, 0.928)
     assert measure.wilson(0, 10)[0] == 0.0 and measure.wilson(10, 10)[1] == 1.0
     assert measure.wilson(600, 1200)[1] - measure.wilson(600, 1200)[0] < measure.wilson(50, 100)[1] - measure.wilson(50, 100)[0]
+
+
+def test_verdict_wording_follows_the_intervals():
+    def acc(k, n):
+        return {"accuracy": k / n, "n": n}
+    assert measure.verdict(acc(90, 100), acc(60, 100)) == "higher"
+    assert measure.verdict(acc(60, 100), acc(90, 100)) == "lower"
+    assert measure.verdict(acc(90, 100), acc(88, 100)) == "no measurable difference"  # overlapping intervals
+    assert measure.verdict({"accuracy": 0.95, "test_n": 600}, acc(520, 600)) == "higher"  # a run's metrics work too
+
+
+def test_lr_scale_gives_lora_b_its_own_learning_rate(tiny_llama, tokenizer, task):
+    tuned = lora.apply(models.frozen_copy(tiny_llama), rank=2, targets=["q_proj", "v_proj"])
+    run = train.fit(tuned, tokenizer, task, steps=1, lr=1e-3, lr_scale={"lora_B": 16}, progress=False, log=False)
+    assert run.config["lr_scale"] == {"lora_B": 16}
+    groups = train._param_groups(tuned, train.trainable_parameters(tuned), 1e-3, {"lora_B": 16})
+    assert sorted(g["lr"] for g in groups) == [1e-3, 16e-3]
+    with pytest.raises(ValueError, match="no trainable parameter"):
+        train._param_groups(tuned, train.trainable_parameters(tuned), 1e-3, {"lora_C": 2})

@@ -35,6 +35,7 @@ Explained in notebook 06_beyond_lora, section 2.
 """
 import json
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -233,8 +234,8 @@ def save(model, folder):
     """Write the adapter as peft does: LoRA's files with ``use_dora: true`` in adapter_config.json
     and one ``<module>.lora_magnitude_vector`` per layer in adapter_model.safetensors.
 
-    ``peft.PeftModel.from_pretrained(base, folder)`` can read it. Explained in notebook 06_beyond_lora,
-    section 2.
+    ``peft.PeftModel.from_pretrained(base, folder)`` can read it. Returns the folder as a Path.
+    Explained in notebook 06_beyond_lora, section 2.
     """
     from safetensors.torch import load_file, save_file
 
@@ -250,6 +251,7 @@ def save(model, folder):
     for name, layer in layers.items():
         tensors[f"{KEY_PREFIX}{name}.{MAGNITUDE}"] = layer.lora_magnitude_vector.detach().cpu().contiguous()
     save_file(tensors, weights_path, metadata={"format": "pt"})
+    return Path(folder)
 
 
 def _read_config(folder):

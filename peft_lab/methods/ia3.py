@@ -34,6 +34,7 @@ import json
 import os
 import re
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -129,7 +130,9 @@ def ia3_layers(model):
 
 def linear_module_names(model):
     """Sorted short names of the model's linear layers: the names ``apply(targets=...)`` accepts."""
-    return lora.linear_module_names(model)
+    wrapped = {name + ".base" for name in ia3_layers(model)}  # an IA3 layer's insides count as the layer
+    names = {name[: -len(".base")] if name in wrapped else name for name, _ in lora._linear_modules(model)}
+    return sorted({name.rsplit(".", 1)[-1] for name in names if name})
 
 
 def default_targets(model):
@@ -271,8 +274,8 @@ def remove(model):
 def save(model, folder):
     """Write the vectors as peft does: adapter_config.json (an IA3Config) and adapter_model.safetensors.
 
-    ``peft.PeftModel.from_pretrained(base, folder)`` can read it. Explained in notebook
-    06_beyond_lora, section 3.
+    ``peft.PeftModel.from_pretrained(base, folder)`` can read it. Returns the folder as a Path.
+    Explained in notebook 06_beyond_lora, section 3.
     """
     from safetensors.torch import save_file
 
@@ -306,6 +309,7 @@ def save(model, folder):
     with open(os.path.join(folder, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)
     save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+    return Path(folder)
 
 
 def _read_config(folder):

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -119,7 +120,7 @@ def _linear_modules(model):
 def linear_module_names(model):
     """Sorted short names (last part of the path) of the model's linear layers, e.g. ['c_attn', ...].
 
-    These are the names ``apply(targets=...)`` accepts. Explained in notebook 02_lora, section 3.
+    These are the names ``apply(targets=...)`` accepts. Explained in notebook 02_lora, section 1.
     """
     return sorted({name.rsplit(".", 1)[-1] for name, _ in _linear_modules(model) if name})
 
@@ -233,7 +234,7 @@ def remove(model):
     The original module objects come back untouched, their weights bit-identical to before apply.
     A merged model is refused: its weights were changed, and unmerging restores them only up to
     float rounding. Call ``unmerge(model)`` first if that is good enough.
-    Explained in notebook 02_lora, section 4.
+    Explained in notebook 02_lora, section 6.
     """
     layers = _require_lora(model)
     merged = [n for n, layer in layers.items() if layer.merged]
@@ -268,7 +269,7 @@ def save(model, folder):
     """Write the adapter (A and B only, a few MB at most) as peft does: adapter_config.json and
     adapter_model.safetensors. ``peft.PeftModel.from_pretrained(base, folder)`` can read it.
 
-    Explained in notebook 02_lora, section 5.
+    Explained in notebook 02_lora, section 6.
     """
     from safetensors.torch import save_file
 
@@ -300,6 +301,7 @@ def save(model, folder):
     with open(os.path.join(folder, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)
     save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+    return Path(folder)
 
 
 # peft features this package does not implement: loading such an adapter would silently differ.
@@ -334,7 +336,7 @@ def load(model, folder):
     Reads adapters written by ``save`` or by peft's ``save_pretrained``. If the model already has
     LoRA layers, the weights are loaded into them (rank, alpha and targets must agree).
     Raises ValueError when the adapter was made for another base model (missing modules, other
-    shapes) or with another rank. Explained in notebook 02_lora, section 5.
+    shapes) or with another rank. Explained in notebook 02_lora, section 6.
     """
     from safetensors.torch import load_file
 

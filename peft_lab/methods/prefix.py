@@ -30,24 +30,24 @@ into the prefix) and attends over the result. Three consequences, all handled be
   GQA), so the prefix has num_kv_heads heads; each prefix head is shared by its group of query heads.
 
 Generation keeps the prefix because the cache keeps it: the first step starts from a fresh prefix
-cache, every later step appends one token to the same cache (``PrefixTuned.generate``).
+cache, every later step appends one token to the same cache. The decoding loop, the length check,
+``remove`` and save/load (HF peft's layout) are shared with prompt tuning in ``virtual_tokens.py``;
+this module holds what makes prefix tuning itself.
 
 Explained in notebook 03_prefix_tuning.
 """
 from __future__ import annotations
 
-import json
 import math
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from .virtual_tokens import VirtualTokenModel, check_settings, remove, save, text_config  # noqa: F401
+
 INITS = ("random", "text")
 INIT_STD = 0.02  # random init: small normal keys/values, so the prefix starts close to "nothing to see"
-WEIGHTS_FILE = "prefix.safetensors"
-CONFIG_FILE = "prefix_config.json"
 
 CHECKPOINTING_ERROR = (
     "prefix tuning cannot run with gradient (activation) checkpointing: under checkpointing the "
@@ -66,9 +66,7 @@ def _geometry(model: nn.Module) -> dict:
     GPT-2 has as many key/value heads as query heads; Llama-family configs name ``num_key_value_heads``
     (grouped-query attention) and sometimes ``head_dim``. Explained in notebook 03_prefix_tuning, section 1.
     """
-    cfg = model.config
-    if hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config(decoder=True)
+    cfg = text_config(model)
     layers = getattr(cfg, "num_hidden_layers", None)
     heads = getattr(cfg, "num_attention_heads", None)
     hidden = getattr(cfg, "hidden_size", None)
@@ -86,11 +84,6 @@ def _checkpointing_on(model: nn.Module) -> bool:
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
-def _base_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    w = model.get_input_embeddings().weight
-    return w.dtype, w.device
-
-
 # ---------------------------------------------------------------------------------------------------
 # Reparametrisation: a small MLP that produces the prefix while training
 # ---------------------------------------------------------------------------------------------------
@@ -99,8 +92,9 @@ class PrefixEncoder(nn.Module):
 
     Li & Liang found that training the prefix directly is unstable, and that producing it with an MLP
     from a smaller embedding trains better. Only the MLP's *output* matters at inference, so after
-    training :meth:`PrefixTuned.fold` computes it once and throws the MLP away.
-    Explained in notebook 03_prefix_tuning, section 4.
+    training :meth:`PrefixTuned.fold` computes it once and throws the MLP away. HF peft's
+    ``prefix_projection=True`` is the same network (its ``transform`` is our ``mlp``).
+    Explained in notebook 03_prefix_tuning, section 3.
     """
 
     def __init__(self, num_virtual_tokens: int, embed_dim: int, hidden: int, out_features: int):
@@ -120,7 +114,7 @@ class PrefixEncoder(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # The wrapped model
 # ---------------------------------------------------------------------------------------------------
-class PrefixTuned(nn.Module):
+class PrefixTuned(VirtualTokenModel):
     """A frozen causal LM whose every attention layer sees P extra trainable key/value positions.
 
     The prefix lives in one tensor of shape (layers, 2, num_kv_heads, P, head_dim) — index 0 of the
@@ -129,17 +123,21 @@ class PrefixTuned(nn.Module):
     :func:`load`. Explained in notebook 03_prefix_tuning, section 2.
     """
 
+    method = "prefix"
+    peft_type = "PREFIX_TUNING"
+
     def __init__(self, model: nn.Module, num_virtual_tokens: int, *, prefix: torch.Tensor | None = None,
                  encoder: PrefixEncoder | None = None, init: str = "random"):
-        super().__init__()
         if (prefix is None) == (encoder is None):
             raise ValueError("give exactly one of prefix (a tensor) or encoder (a PrefixEncoder)")
-        self.model = model
+        if _checkpointing_on(model):
+            raise ValueError(CHECKPOINTING_ERROR)
+        super().__init__(model, num_virtual_tokens)
         geo = _geometry(model)
         self.num_layers, self.num_heads = geo["num_layers"], geo["num_heads"]
         self.num_kv_heads, self.head_dim = geo["num_kv_heads"], geo["head_dim"]
-        self.num_virtual_tokens = num_virtual_tokens
         self.encoder = encoder
+        self.encoder_hidden_size = None if encoder is None else encoder.mlp[0].out_features  # kept after fold
         if prefix is not None:
             if tuple(prefix.shape) != self.prefix_shape:
                 raise ValueError(f"prefix has shape {tuple(prefix.shape)}, this model needs {self.prefix_shape}")
@@ -148,15 +146,6 @@ class PrefixTuned(nn.Module):
             self.register_parameter("prefix", None)
         self.peft_lab_info = {"method": "prefix", "num_virtual_tokens": num_virtual_tokens,
                               "reparametrize": encoder is not None, "init": init}
-
-    # -- small conveniences so a PrefixTuned can stand where a model stood ------------------------
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def device(self) -> torch.device:
-        return _base_dtype_device(self.model)[1]
 
     @property
     def prefix_shape(self) -> tuple[int, int, int, int, int]:
@@ -167,9 +156,7 @@ class PrefixTuned(nn.Module):
         """The prefix, (layers, 2, num_kv_heads, P, head_dim); produced by the MLP if reparametrised."""
         if self.encoder is None:
             return self.prefix
-        flat = self.encoder()  # (P, layers * 2 * kv_heads * head_dim)
-        P, L, H, D = self.num_virtual_tokens, self.num_layers, self.num_kv_heads, self.head_dim
-        return flat.view(P, L, 2, H, D).permute(1, 2, 3, 0, 4)
+        return _unflatten(self.encoder(), self.num_layers, self.num_kv_heads, self.head_dim)
 
     def prefix_cache(self, batch_size: int):
         """A fresh ``DynamicCache`` holding the prefix for every layer, (batch, kv_heads, P, head_dim).
@@ -179,7 +166,7 @@ class PrefixTuned(nn.Module):
         """
         from transformers import DynamicCache
 
-        dtype, _ = _base_dtype_device(self.model)
+        dtype = self.model.get_input_embeddings().weight.dtype
         prefix = self.prefix_tensor().to(dtype)  # trainable copy may be fp32 while the base is bf16
         # expand: the same prefix for every row of the batch, no copy; DynamicCache's update does a
         # torch.cat, so each row's gradient is summed back into the one prefix.
@@ -188,21 +175,13 @@ class PrefixTuned(nn.Module):
                   for l in range(self.num_layers)]
         return DynamicCache(layers)
 
-    def _check_ready(self, input_ids: torch.Tensor, extra_positions: int = 0) -> None:
+    def check_input(self, input_ids: torch.Tensor, new_tokens: int = 0) -> None:
+        """The shared checks (see ``VirtualTokenModel.check_input``), after refusing checkpointing."""
         if _checkpointing_on(self.model):
             raise ValueError(CHECKPOINTING_ERROR)
-        if input_ids is None or input_ids.dim() != 2:
-            raise ValueError("input_ids must be a (batch, seq_len) tensor of token ids")
-        # GPT-2 has a learned table of n_positions position embeddings, and the real tokens start at
-        # position P: past the table's end the lookup fails with an unhelpful IndexError.
-        limit = getattr(self.model.config, "n_positions", None)
-        total = self.num_virtual_tokens + input_ids.shape[1] + extra_positions
-        if limit is not None and total > limit:
-            raise ValueError(f"{self.num_virtual_tokens} prefix positions + {total - self.num_virtual_tokens} "
-                             f"tokens = {total} positions, but this model has only {limit} position "
-                             "embeddings. Use shorter inputs (or fewer new tokens) or a shorter prefix.")
+        super().check_input(input_ids, new_tokens)
 
-    # -- forward -----------------------------------------------------------------------------------
+    # -- forward and the first generation step --------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **kwargs):
         """Run the frozen model with the prefix in every layer; logits/loss for the real tokens only.
@@ -219,78 +198,21 @@ class PrefixTuned(nn.Module):
           free parameters, the model never rotates or embeds them again.
         * Padding is on the right, so real tokens keep positions P, P+1, ... regardless of padding.
 
-        Explained in notebook 03_prefix_tuning, section 3.
+        Explained in notebook 03_prefix_tuning, section 2.
         """
-        self._check_ready(input_ids)
-        if "past_key_values" in kwargs or "inputs_embeds" in kwargs:
-            raise ValueError("prefix tuning owns the key/value cache and needs input_ids; for "
-                             "incremental decoding use tuned.generate(...)")
-        batch_size = input_ids.shape[0]
-        P = self.num_virtual_tokens
-        if attention_mask is not None:
-            ones = torch.ones(batch_size, P, dtype=attention_mask.dtype, device=attention_mask.device)
-            attention_mask = torch.cat([ones, attention_mask], dim=1)
+        self.check_input(input_ids)
+        self.refuse(kwargs, ("past_key_values", "inputs_embeds"), "prefix tuning owns the key/value cache "
+                    "and needs input_ids; for incremental decoding use tuned.generate(...)")
         if kwargs.get("position_ids") is not None:  # explicit positions: shift them past the prefix too
-            kwargs["position_ids"] = kwargs["position_ids"] + P
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                          past_key_values=self.prefix_cache(batch_size), use_cache=True, **kwargs)
+            kwargs["position_ids"] = kwargs["position_ids"] + self.num_virtual_tokens
+        return self.model(input_ids=input_ids, attention_mask=self.extend_mask(attention_mask), labels=labels,
+                          past_key_values=self.prefix_cache(input_ids.shape[0]), use_cache=True, **kwargs)
 
-    # -- generation --------------------------------------------------------------------------------
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, generator: torch.Generator | None = None,
-                 **unused) -> torch.Tensor:
-        """Greedy or sampled decoding with the key/value cache; the prefix is present at every step.
-
-        Step 0 runs the whole prompt over a fresh prefix cache; every later step feeds only the newest
-        token, and the cache (prefix + everything so far) supplies the rest. Returns input ids
-        followed by the new ones, like HF ``generate``; rows that produced ``eos_token_id`` continue
-        with ``pad_token_id``. Prompts in one batch must be unpadded (same length, mask all ones):
-        with right padding the continuation would start after the pads. Pass prompts one at a time
-        otherwise. Explained in notebook 03_prefix_tuning, section 5.
-        """
-        if unused:
-            raise ValueError(f"generate() does not support {sorted(unused)}; it takes max_new_tokens, "
-                             "do_sample, temperature, top_k, eos_token_id, pad_token_id, generator")
-        self._check_ready(input_ids, extra_positions=max_new_tokens)
-        if attention_mask is not None and not bool((attention_mask == 1).all()):
-            raise ValueError("generate() needs unpadded prompts (attention_mask all ones): pass prompts "
-                             "of equal length, or one prompt at a time")
-        if do_sample and temperature <= 0:
-            raise ValueError("temperature must be > 0 when do_sample=True (use do_sample=False for greedy)")
-        gen_cfg = getattr(self.model, "generation_config", None)
-        if eos_token_id is None:
-            eos_token_id = getattr(gen_cfg, "eos_token_id", None)
-        if pad_token_id is None:
-            pad_token_id = getattr(gen_cfg, "pad_token_id", None)
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []),
-                           device=input_ids.device)
-        if pad_token_id is None:
-            pad_token_id = int(eos[0]) if len(eos) else 0
-
-        ids = input_ids
-        cache = self.prefix_cache(ids.shape[0])
-        step_input = ids  # step 0: the whole prompt; the model numbers it P..P+T-1 from the cache length
-        finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
-        for _ in range(max_new_tokens):
-            logits = self.model(input_ids=step_input, past_key_values=cache, use_cache=True).logits[:, -1, :]
-            if do_sample:
-                logits = logits.float() / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_ids = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
-            else:
-                next_ids = logits.argmax(dim=-1)
-            next_ids = torch.where(finished, torch.full_like(next_ids, pad_token_id), next_ids)
-            ids = torch.cat([ids, next_ids[:, None]], dim=1)
-            finished |= torch.isin(next_ids, eos)
-            if finished.all():
-                break
-            step_input = next_ids[:, None]  # the cache now holds prefix + all earlier tokens
-        return ids
+    def first_step(self, input_ids: torch.Tensor):
+        """Generation, step 1: the whole input over a fresh prefix cache; the model numbers it P..P+T-1
+        from the cache's length, and appends its keys/values behind the prefix's (see ``generate``)."""
+        return self.model(input_ids=input_ids, past_key_values=self.prefix_cache(input_ids.shape[0]),
+                          use_cache=True)
 
     # -- reparametrisation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -299,7 +221,7 @@ class PrefixTuned(nn.Module):
 
         Outputs do not change. After folding, the trainable parameter is ``self.prefix``, so build a
         new optimizer if you train further. No-op when not reparametrised.
-        Explained in notebook 03_prefix_tuning, section 4.
+        Explained in notebook 03_prefix_tuning, section 3 (checked in section 4).
         """
         if self.encoder is not None:
             prefix = self.prefix_tensor().detach().clone().contiguous()
@@ -307,6 +229,58 @@ class PrefixTuned(nn.Module):
             self.prefix = nn.Parameter(prefix)
             self.peft_lab_info["folded"] = True
         return self
+
+    # -- what save / load need (virtual_tokens.save, VirtualTokenModel.load) --------------------------
+    @staticmethod
+    def peft_geometry(model: nn.Module) -> dict:
+        # peft sizes a prefix by the key/value heads (its fix for grouped-query attention): token_dim is
+        # one layer's kv_width and num_attention_heads the key/value head count.
+        geo = _geometry(model)
+        return {"num_layers": geo["num_layers"], "token_dim": geo["num_kv_heads"] * geo["head_dim"],
+                "num_attention_heads": geo["num_kv_heads"]}
+
+    @staticmethod
+    def saved_width(geometry: dict) -> int:
+        return geometry["num_layers"] * 2 * geometry["token_dim"]
+
+    def peft_extras(self) -> dict:
+        # The file always holds the folded prefix; prefix_projection says it came from the MLP.
+        kv_width = self.num_kv_heads * self.head_dim
+        return {"prefix_projection": self.peft_lab_info["reparametrize"],
+                "encoder_hidden_size": self.encoder_hidden_size or kv_width}
+
+    def embeddings(self) -> torch.Tensor:
+        """The folded prefix as peft saves it: (P, layers * 2 * kv_heads * head_dim)."""
+        return _flatten(self.prefix_tensor())
+
+    @classmethod
+    def from_embeddings(cls, model, embeddings, config, info):
+        geo, weight = _geometry(model), model.get_input_embeddings().weight
+        prefix = _unflatten(embeddings, geo["num_layers"], geo["num_kv_heads"], geo["head_dim"])
+        tuned = cls(model, config["num_virtual_tokens"], init=(info or {}).get("init", "random"),
+                    prefix=prefix.to(device=weight.device, dtype=_trainable_dtype(weight.dtype)).contiguous())
+        # The file holds the folded prefix; prefix_projection says whether an MLP made it.
+        reparametrized = bool(config.get("prefix_projection", False))
+        tuned.peft_lab_info.update(reparametrize=reparametrized, folded=reparametrized)
+        if reparametrized:  # the width of the MLP that made it, so that saving again writes the same config
+            tuned.encoder_hidden_size = config.get("encoder_hidden_size")
+        return tuned
+
+
+def _flatten(prefix: torch.Tensor) -> torch.Tensor:
+    """(layers, 2, kv_heads, P, head_dim) -> (P, layers * 2 * kv_heads * head_dim): the MLP's and peft's layout."""
+    return prefix.permute(3, 0, 1, 2, 4).reshape(prefix.shape[3], -1)
+
+
+def _unflatten(flat: torch.Tensor, num_layers: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """The inverse of :func:`_flatten`: peft reads each row as (layers, 2 [key, value], kv_heads, head_dim)."""
+    return flat.reshape(flat.shape[0], num_layers, 2, num_kv_heads, head_dim).permute(1, 2, 3, 0, 4)
+
+
+def _trainable_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    # trainable numbers stay in fp32 on a half-precision base (small updates would round away);
+    # prefix_cache casts them to the base dtype on the way in.
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -319,12 +293,12 @@ def text_prefix(model: nn.Module, tokenizer, init_text: str, num_virtual_tokens:
     The text runs once with ``use_cache=True``; its cache holds, for every layer, the keys/values of
     its tokens at positions 0..n-1. Longer texts are cut to the first P positions; shorter ones are
     repeated (tiled) to fill P. When the text has at least P tokens, the untrained prefix-tuned model
-    reads any input exactly as the base model reads "first P tokens of init_text + input".
-    Explained in notebook 03_prefix_tuning, section 4.
+    reads any input exactly as the base model reads "first P tokens of init_text + input": notebook
+    03_prefix_tuning checks that on ``apply(..., init="text")`` in section 4 (a).
     """
     if tokenizer is None or not init_text:
         raise ValueError('init="text" needs init_text="..." and tokenizer=... (the model\'s tokenizer)')
-    _, device = _base_dtype_device(model)
+    device = model.get_input_embeddings().weight.device
     ids = tokenizer(init_text, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:
         raise ValueError(f"init_text {init_text!r} produced no tokens")
@@ -355,7 +329,7 @@ def _fit_last_layer(encoder: PrefixEncoder, target_flat: torch.Tensor) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The common face: apply / save / load
+# The common face: apply / load (save and remove come from virtual_tokens)
 # ---------------------------------------------------------------------------------------------------
 def apply(model: nn.Module, num_virtual_tokens: int = 10, reparametrize: bool = False, hidden: int = 512,
           init: str = "random", init_text: str | None = None, tokenizer=None) -> PrefixTuned:
@@ -363,24 +337,16 @@ def apply(model: nn.Module, num_virtual_tokens: int = 10, reparametrize: bool = 
 
     reparametrize: produce the prefix with a small MLP of width ``hidden`` while training (call
     ``tuned.fold()`` afterwards). init: "random" (normal, std 0.02) or "text" (the model's own
-    keys/values for ``init_text``, see :func:`text_prefix`). Explained in notebook 03_prefix_tuning,
-    section 2.
+    keys/values for ``init_text``, see :func:`text_prefix`).
+    Explained in notebook 03_prefix_tuning, section 1 (the text init in section 4, the MLP in section 3).
     """
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
-    if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
-        raise ValueError(f"num_virtual_tokens must be a positive int, got {num_virtual_tokens!r}")
+    check_settings(num_virtual_tokens, init, INITS)
     if _checkpointing_on(model):
         raise ValueError(CHECKPOINTING_ERROR)
-    for p in model.parameters():
-        p.requires_grad_(False)
-
     geo = _geometry(model)
     L, H, D, P = geo["num_layers"], geo["num_kv_heads"], geo["head_dim"], num_virtual_tokens
-    base_dtype, device = _base_dtype_device(model)
-    # trainable numbers stay in fp32 on a half-precision base (small updates would round away);
-    # prefix_cache casts them to the base dtype on the way in.
-    dtype = torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+    weight = model.get_input_embeddings().weight
+    dtype, device = _trainable_dtype(weight.dtype), weight.device
 
     start = text_prefix(model, tokenizer, init_text, P).to(dtype) if init == "text" else None
     if not reparametrize:
@@ -392,68 +358,20 @@ def apply(model: nn.Module, num_virtual_tokens: int = 10, reparametrize: bool = 
     encoder = PrefixEncoder(P, H * D, hidden, L * 2 * H * D).to(device=device, dtype=dtype)
     if start is not None:
         with torch.no_grad():
-            _fit_last_layer(encoder, start.permute(3, 0, 1, 2, 4).reshape(P, -1))
+            _fit_last_layer(encoder, _flatten(start))
     return PrefixTuned(model, P, encoder=encoder, init=init)
 
 
-def _base_description(model: nn.Module) -> dict:
-    """What a saved prefix must agree with to be loaded: model type and the shapes that matter."""
-    geo = _geometry(model)
-    vocab_size, hidden = model.get_input_embeddings().weight.shape
-    return {"model_type": model.config.model_type, "hidden_size": hidden, "vocab_size": vocab_size,
-            "num_hidden_layers": geo["num_layers"], "num_key_value_heads": geo["num_kv_heads"],
-            "head_dim": geo["head_dim"]}
-
-
-def save(tuned: PrefixTuned, folder) -> Path:
-    """Write only the (folded) prefix, (layers, 2, kv_heads, P, head_dim), and a JSON config.
-
-    A reparametrised prefix is computed once and saved as the plain tensor; the MLP is not saved (the
-    ``tuned`` object itself is left as it is). Explained in notebook 03_prefix_tuning, section 6.
-    """
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    with torch.no_grad():
-        prefix = tuned.prefix_tensor().detach().cpu().contiguous()
-    save_file({"prefix": prefix}, str(folder / WEIGHTS_FILE))
-    config = {**tuned.peft_lab_info, "base": _base_description(tuned.model)}
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    return folder
-
-
 def load(model: nn.Module, folder) -> PrefixTuned:
-    """Apply a saved prefix to a (fresh) base ``model``; the base must match the saved one.
+    """Attach a saved prefix to a (fresh) base ``model``: from :func:`save` or peft's ``save_pretrained``.
 
-    Raises ValueError naming what differs (model type, hidden size, vocabulary, layers, key/value
-    heads, head size, or the prefix's shape). Explained in notebook 03_prefix_tuning, section 6.
+    The file holds the folded prefix, so a reparametrised one comes back folded (``peft_lab_info``
+    says ``folded``). FileNotFoundError for an empty folder; ValueError naming what differs (another
+    method, model type, hidden size, vocabulary, layers, key/value heads, the prefix's shape) or a
+    damaged file. Saving is shown in notebook 04_prompt_tuning, section 6 (a prompt; a prefix works
+    the same way).
     """
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / CONFIG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
-        raise ValueError(f"{folder} holds no saved prefix (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    if config.get("method") != "prefix":
-        raise ValueError(f"{folder} holds a {config.get('method')!r} adapter, not a prefix")
-    here = _base_description(model)
-    differences = [f"{key}: saved {config['base'].get(key)!r}, this model {value!r}"
-                   for key, value in here.items() if config["base"].get(key) != value]
-    if differences:
-        raise ValueError("this prefix was trained on a different base model; " + "; ".join(differences))
-    if _checkpointing_on(model):
-        raise ValueError(CHECKPOINTING_ERROR)
-    prefix = load_file(str(folder / WEIGHTS_FILE))["prefix"]
-    P = config["num_virtual_tokens"]
-    expected = (here["num_hidden_layers"], 2, here["num_key_value_heads"], P, here["head_dim"])
-    if tuple(prefix.shape) != expected:
-        raise ValueError(f"saved prefix has shape {tuple(prefix.shape)}, expected {expected}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    tuned = PrefixTuned(model, P, prefix=prefix.to(_base_dtype_device(model)[1]), init=config["init"])
-    tuned.peft_lab_info.update(reparametrize=config["reparametrize"], folded=config["reparametrize"])
-    return tuned
+    return PrefixTuned.load(model, folder)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -484,7 +402,7 @@ def attention_weights(tuned: PrefixTuned, input_ids: torch.Tensor, layer: int = 
     of each token's attention goes to the prefix. Query head ``head`` reads prefix key/value head
     ``head // (num_heads // num_kv_heads)`` under grouped-query attention. The fast attention kernels
     do not return weights, so the model switches to its plain ("eager") attention for this one call.
-    Explained in notebook 03_prefix_tuning, section 3.
+    Explained in notebook 03_prefix_tuning, section 5.
     """
     if not 0 <= layer < tuned.num_layers or not 0 <= head < tuned.num_heads:
         raise ValueError(f"layer must be in 0..{tuned.num_layers - 1} and head in 0..{tuned.num_heads - 1}")

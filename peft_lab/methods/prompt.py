@@ -18,27 +18,33 @@ The model computes logits for all P + T positions; we return only the last T, so
 logits of shape (batch, T, vocab) exactly as without the prompt and never needs to know it is there.
 
 Generation keeps the prompt at every step because the prompt lives in the key/value cache: the first
-step runs [prompt; embeddings(input_ids)] through the model, every later step feeds only the newest
-token and attends to the cache, which holds the prompt's keys and values (see ``PromptTuned.generate``).
+step runs [prompt; embeddings(input_ids)] through the model (``PromptTuned.first_step``), every later
+step feeds only the newest token and attends to the cache, which holds the prompt's keys and values
+(see ``PromptTuned.generate``). The decoding loop, the length check, ``remove`` and save/load (HF
+peft's layout) are shared with prefix tuning in ``virtual_tokens.py``; this module holds what makes
+prompt tuning itself.
 
 Explained in notebook 04_prompt_tuning.
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from .virtual_tokens import VirtualTokenModel, check_settings, remove, save, text_config  # noqa: F401
+
 INITS = ("random", "vocab", "text")
 RANDOM_INIT_RANGE = 0.5  # uniform in [-0.5, 0.5], the range of Lester et al. 2021 (see _init_prompt)
-WEIGHTS_FILE = "prompt.safetensors"
-CONFIG_FILE = "prompt_config.json"
+# peft's prompt_tuning_init for ours. peft uses it only to start a prompt it trains from scratch, and the
+# saved numbers replace whatever it draws. A text init is written as RANDOM: peft's TEXT would need the
+# tokenizer's name and the text again. Our own init is kept in the file's metadata.
+PEFT_INITS = {"random": "RANDOM", "vocab": "SAMPLE_VOCAB", "text": "RANDOM"}
+FROM_PEFT_INITS = {"RANDOM": "random", "SAMPLE_VOCAB": "vocab", "TEXT": "text"}
 
 
-class PromptTuned(nn.Module):
+class PromptTuned(VirtualTokenModel):
     """A frozen causal LM with a trainable soft prompt of ``num_virtual_tokens`` vectors in front.
 
     Build it with :func:`apply` (or :func:`load`). The only trainable parameter is ``self.prompt``
@@ -46,39 +52,19 @@ class PromptTuned(nn.Module):
     to the embedding dtype in ``forward``). Explained in notebook 04_prompt_tuning, section 2.
     """
 
+    method = "prompt"
+    peft_type = "PROMPT_TUNING"
+
     def __init__(self, model: nn.Module, prompt: torch.Tensor, init: str):
-        super().__init__()
-        self.model = model
+        super().__init__(model, prompt.shape[0])
         self.prompt = nn.Parameter(prompt.detach().clone().float())
         self.peft_lab_info = {"method": "prompt", "num_virtual_tokens": prompt.shape[0], "init": init}
 
-    # -- small conveniences so a PromptTuned can stand where a model stood -------------------------
-    @property
-    def num_virtual_tokens(self) -> int:
-        return self.prompt.shape[0]
-
-    @property
-    def config(self):
-        return self.model.config
-
-    @property
-    def device(self) -> torch.device:
-        return self.prompt.device
-
-    def _prompt_batch(self, batch_size: int, dtype: torch.dtype) -> torch.Tensor:
-        """The soft prompt repeated for every row of the batch: (batch, P, d), in the model's dtype."""
-        return self.prompt.to(dtype).unsqueeze(0).expand(batch_size, -1, -1)
-
-    def _check_length(self, total: int) -> None:
-        # GPT-2 has a learned table of n_positions position embeddings; past its end the lookup fails
-        # with an unhelpful IndexError. Rotary models (Llama) have no table, so no hard limit here.
-        limit = getattr(self.model.config, "n_positions", None)
-        if limit is not None and total > limit:
-            raise ValueError(
-                f"{self.num_virtual_tokens} virtual tokens + {total - self.num_virtual_tokens} real tokens = "
-                f"{total} positions, but this model has only {limit} position embeddings. Use shorter "
-                "inputs (or fewer new tokens) or fewer virtual tokens."
-            )
+    def embed_with_prompt(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[soft prompt; embeddings(input_ids)]: (batch, P + T, d), the prompt in the embeddings' dtype."""
+        embeds = self.model.get_input_embeddings()(input_ids)
+        prompt = self.prompt.to(embeds.dtype).unsqueeze(0).expand(input_ids.shape[0], -1, -1)
+        return torch.cat([prompt, embeds], dim=1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, **kwargs):
@@ -100,128 +86,47 @@ class PromptTuned(nn.Module):
         Other keyword arguments (e.g. ``output_hidden_states=True``) go to the base model; their
         outputs still include the P virtual positions. Explained in notebook 04_prompt_tuning, section 2.
         """
-        for name in ("position_ids", "past_key_values", "inputs_embeds"):
-            if kwargs.get(name) is not None:
-                raise ValueError(
-                    f"PromptTuned.forward does not take {name}: the soft prompt fixes positions 0..P-1 and "
-                    "is put in front of the embeddings of input_ids. For generation use tuned.generate(...)."
-                )
-        batch, T = input_ids.shape
+        self.refuse(kwargs, ("position_ids", "past_key_values", "inputs_embeds"), "the soft prompt fixes "
+                    "positions 0..P-1 and is put in front of the embeddings of input_ids. For generation use "
+                    "tuned.generate(...).")
+        self.check_input(input_ids)
         P = self.num_virtual_tokens
-        self._check_length(P + T)
-
-        embeds = self.model.get_input_embeddings()(input_ids)
-        embeds = torch.cat([self._prompt_batch(batch, embeds.dtype), embeds], dim=1)
-
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        prompt_mask = attention_mask.new_ones(batch, P)
-        attention_mask = torch.cat([prompt_mask, attention_mask], dim=1)
-
         if labels is not None:
-            labels = torch.cat([labels.new_full((batch, P), -100), labels], dim=1)
-
-        out = self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+            labels = torch.cat([labels.new_full((labels.shape[0], P), -100), labels], dim=1)
+        out = self.model(inputs_embeds=self.embed_with_prompt(input_ids),
+                         attention_mask=self.extend_mask(attention_mask), labels=labels, **kwargs)
         out.logits = out.logits[:, P:]  # the caller sees logits for its own T tokens only
         return out
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-                 top_k: int | None = None, eos_token_id: int | list[int] | None = None,
-                 pad_token_id: int | None = None, generator: torch.Generator | None = None,
-                 **unsupported) -> torch.Tensor:
-        """Greedy or sampled generation with the key/value cache; the soft prompt is active at every step.
+    def first_step(self, input_ids: torch.Tensor):
+        """Generation, step 1: [prompt; embeddings(input_ids)] at positions 0..P+T-1, which leaves the
+        prompt's keys and values in the cache for every later step (see ``generate``)."""
+        return self.model(inputs_embeds=self.embed_with_prompt(input_ids), use_cache=True)
 
-        Returns token ids (batch, T + new): the input followed by the new tokens, like HF ``generate``.
-
-        How the prompt stays in: step 1 feeds [prompt; embeddings(input_ids)] (P + T positions) with
-        ``use_cache=True``; the cache now holds keys and values for the prompt. Every later step feeds
-        only the newest token with that cache, so each new token attends to the prompt as well. No
-        step can silently lose the prompt, because it is never fed again and never needs to be.
-
-        Batches: all rows must be real tokens of equal length (no padding), because a pad in the middle
-        of a row would sit between the input and its continuation. Generate padded inputs one row at
-        a time, or group them by length.
-
-        eos_token_id=None uses the model's ``generation_config.eos_token_id``; pass ``[]`` to never stop
-        early. Rows that have finished are filled with ``pad_token_id`` (default: the model's pad id, else
-        the first eos id). ``generator`` makes sampling repeatable. Explained in notebook 04_prompt_tuning, section 4.
-        """
-        if unsupported:
-            raise ValueError(
-                f"PromptTuned.generate does not support {sorted(unsupported)}; it supports attention_mask, "
-                "max_new_tokens, do_sample, temperature, top_k, eos_token_id, pad_token_id and generator."
-            )
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
-        if attention_mask is not None and not bool((attention_mask != 0).all()):
-            raise ValueError(
-                "PromptTuned.generate needs unpadded inputs (attention_mask all ones): generate padded "
-                "inputs one row at a time, or group rows of equal length into a batch."
-            )
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature}")
-
-        gen_cfg = getattr(self.model, "generation_config", None)
-        if eos_token_id is None:
-            eos_token_id = getattr(gen_cfg, "eos_token_id", None)
-        eos = [] if eos_token_id is None else (
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-        if pad_token_id is None:
-            pad_token_id = self.model.config.pad_token_id
-        if pad_token_id is None:
-            pad_token_id = eos[0] if eos else 0
-
-        batch, T = input_ids.shape
-        P = self.num_virtual_tokens
-        self._check_length(P + T + max_new_tokens - 1)
-        device = input_ids.device
-        eos_ids = torch.tensor(eos, device=device, dtype=input_ids.dtype)
-
-        # Step 1: the whole prompt plus the input, positions 0 .. P+T-1, filling the cache.
-        embeds = self.model.get_input_embeddings()(input_ids)
-        embeds = torch.cat([self._prompt_batch(batch, embeds.dtype), embeds], dim=1)
-        length = P + T
-        out = self.model(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones(batch, length, dtype=torch.long, device=device),
-            position_ids=torch.arange(length, device=device).unsqueeze(0).expand(batch, -1),
-            use_cache=True,
-        )
-
-        tokens = input_ids
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        for step in range(max_new_tokens):
-            next_token = self._pick(out.logits[:, -1, :].float(), do_sample, temperature, top_k, generator)
-            next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            if len(eos):
-                finished |= torch.isin(next_token, eos_ids)
-            if bool(finished.all()) or step == max_new_tokens - 1:
-                break
-            # Later steps: only the new token; the prompt is already in out.past_key_values.
-            length += 1
-            out = self.model(
-                input_ids=next_token[:, None],
-                past_key_values=out.past_key_values,
-                attention_mask=torch.ones(batch, length, dtype=torch.long, device=device),
-                position_ids=torch.full((batch, 1), length - 1, device=device),
-                use_cache=True,
-            )
-        return tokens
+    # -- what save / load need (virtual_tokens.save, VirtualTokenModel.load) --------------------------
+    @staticmethod
+    def peft_geometry(model: nn.Module) -> dict:
+        cfg = text_config(model)
+        return {"num_layers": getattr(cfg, "num_hidden_layers", None),
+                "token_dim": model.get_input_embeddings().weight.shape[1],
+                "num_attention_heads": getattr(cfg, "num_attention_heads", None)}
 
     @staticmethod
-    def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
-              generator: torch.Generator | None) -> torch.Tensor:
-        """Choose the next token from last-position logits (batch, vocab): argmax or a sample."""
-        if not do_sample:
-            return logits.argmax(dim=-1)
-        logits = logits / temperature
-        if top_k is not None:
-            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(1)
+    def saved_width(geometry: dict) -> int:
+        return geometry["token_dim"]
+
+    def peft_extras(self) -> dict:
+        return {"prompt_tuning_init": PEFT_INITS.get(self.peft_lab_info["init"], "RANDOM"),
+                "prompt_tuning_init_text": None, "tokenizer_name_or_path": None}
+
+    def embeddings(self) -> torch.Tensor:
+        """The soft prompt, (P, d): peft saves its prompt the same way."""
+        return self.prompt
+
+    @classmethod
+    def from_embeddings(cls, model, embeddings, config, info):
+        init = (info or {}).get("init") or FROM_PEFT_INITS.get(config.get("prompt_tuning_init"), "random")
+        return cls(model, embeddings.to(model.get_input_embeddings().weight.device), init)
 
 
 def _init_prompt(model: nn.Module, num_virtual_tokens: int, init: str, init_text: str | None,
@@ -275,14 +180,9 @@ def apply(model: nn.Module, num_virtual_tokens: int = 20, init: str = "random",
     ``init`` is "random", "vocab" or "text" (see ``_init_prompt``). Returns a :class:`PromptTuned`
     whose only trainable parameter is the prompt. Explained in notebook 04_prompt_tuning, section 2.
     """
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; choose one of {INITS}")
-    if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
-        raise ValueError(f"num_virtual_tokens must be a positive integer, got {num_virtual_tokens!r}")
+    check_settings(num_virtual_tokens, init, INITS)
     if model.get_input_embeddings() is None:
         raise ValueError("this model has no input embedding layer (get_input_embeddings() is None)")
-    for p in model.parameters():
-        p.requires_grad_(False)
     prompt = _init_prompt(model, num_virtual_tokens, init, init_text, tokenizer)
     return PromptTuned(model, prompt, init)
 
@@ -293,7 +193,7 @@ def nearest_tokens(tuned: PromptTuned, tokenizer, k: int = 1) -> list[list[tuple
 
     A way to peek at what the soft prompt "says": right after a text init each vector's nearest token
     is its own word (similarity 1); after training the vectors usually drift away from every word.
-    Explained in notebook 04_prompt_tuning, section 5.
+    Explained in notebook 04_prompt_tuning, section 5b.
     """
     weight = tuned.model.get_input_embeddings().weight.detach().float()
     prompt = tuned.prompt.detach().float().to(weight.device)
@@ -305,54 +205,12 @@ def nearest_tokens(tuned: PromptTuned, tokenizer, k: int = 1) -> list[list[tuple
     ]
 
 
-def _base_description(model: nn.Module) -> dict:
-    """What a saved prompt must agree with to be loaded: model type and the shapes that matter."""
-    cfg = model.config
-    vocab_size, hidden = model.get_input_embeddings().weight.shape
-    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
-    return {"model_type": cfg.model_type, "hidden_size": hidden, "vocab_size": vocab_size,
-            "num_hidden_layers": layers}
+def load(model: nn.Module, folder) -> PromptTuned:
+    """Put a saved soft prompt in front of a (fresh) base ``model``: from :func:`save` or peft's
+    ``save_pretrained``; the base must match the saved one.
 
-
-def save(tuned: PromptTuned, folder) -> Path:
-    """Write only the soft prompt (P x d, safetensors) and a small JSON config into ``folder``.
-
+    FileNotFoundError for an empty folder; ValueError naming what differs (another method, model
+    type, hidden size, vocabulary, layers, the prompt's shape) or a damaged file.
     Explained in notebook 04_prompt_tuning, section 6.
     """
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({"prompt": tuned.prompt.detach().cpu().contiguous()}, str(folder / WEIGHTS_FILE))
-    config = {**tuned.peft_lab_info, "base": _base_description(tuned.model)}
-    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    return folder
-
-
-def load(model: nn.Module, folder) -> PromptTuned:
-    """Put a saved soft prompt in front of a (fresh) base ``model``; the base must match the saved one.
-
-    Raises ValueError naming what differs (model type, hidden size, vocabulary, layers, or the prompt's
-    shape). Explained in notebook 04_prompt_tuning, section 6.
-    """
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    if not (folder / CONFIG_FILE).exists() or not (folder / WEIGHTS_FILE).exists():
-        raise ValueError(f"{folder} holds no saved prompt (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    if config.get("method") != "prompt":
-        raise ValueError(f"{folder} holds a {config.get('method')!r} adapter, not a prompt")
-    here = _base_description(model)
-    differences = [f"{key}: saved {config['base'].get(key)!r}, this model {value!r}"
-                   for key, value in here.items() if config["base"].get(key) != value]
-    if differences:
-        raise ValueError("this prompt was trained on a different base model; " + "; ".join(differences))
-    prompt = load_file(str(folder / WEIGHTS_FILE))["prompt"]
-    expected = (config["num_virtual_tokens"], here["hidden_size"])
-    if tuple(prompt.shape) != expected:
-        raise ValueError(f"saved prompt has shape {tuple(prompt.shape)}, expected {expected}")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    device = model.get_input_embeddings().weight.device
-    return PromptTuned(model, prompt.to(device), config["init"])
+    return PromptTuned.load(model, folder)
