@@ -221,6 +221,31 @@ def frozen_copy(model):
     return clone
 
 
+def text_config(model):
+    """The config of the language model itself (the text part of a multimodal config)."""
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
+def geometry(model) -> dict:
+    """The architecture facts the methods need, read once here: layers, query and key/value heads,
+    head size, hidden size. GPT-2 has as many key/value heads as query heads; Llama-family configs name
+    ``num_key_value_heads`` (grouped-query attention) and sometimes ``head_dim``.
+    Explained in notebook 06_beyond_lora, section 3 (and used for the prefix shapes of notebook 03).
+    """
+    cfg = text_config(model)
+    layers = getattr(cfg, "num_hidden_layers", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    if layers is None or heads is None or hidden is None:
+        raise ValueError(f"cannot read layers / heads / hidden size from a {type(cfg).__name__}; "
+                         "the workbook supports GPT-2 and Llama-family causal LMs")
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return {"num_layers": layers, "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim,
+            "hidden_size": hidden}
+
+
 def describe(model) -> dict:
     """A few facts about a model's architecture, for printing."""
     cfg = model.config

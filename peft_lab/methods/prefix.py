@@ -44,6 +44,7 @@ import warnings
 import torch
 from torch import nn
 
+from .. import models
 from .virtual_tokens import VirtualTokenModel, check_settings, remove, save, text_config  # noqa: F401
 
 INITS = ("random", "text")
@@ -61,21 +62,9 @@ CHECKPOINTING_ERROR = (
 # The model's attention geometry
 # ---------------------------------------------------------------------------------------------------
 def _geometry(model: nn.Module) -> dict:
-    """Layers, key/value heads and head size of a causal LM, read from its config.
-
-    GPT-2 has as many key/value heads as query heads; Llama-family configs name ``num_key_value_heads``
-    (grouped-query attention) and sometimes ``head_dim``. Explained in notebook 03_prefix_tuning, section 1.
-    """
-    cfg = text_config(model)
-    layers = getattr(cfg, "num_hidden_layers", None)
-    heads = getattr(cfg, "num_attention_heads", None)
-    hidden = getattr(cfg, "hidden_size", None)
-    if layers is None or heads is None or hidden is None:
-        raise ValueError(f"cannot read layers / heads / hidden size from a {type(cfg).__name__}; "
-                         "prefix tuning supports GPT-2 and Llama-family causal LMs")
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
-    return {"num_layers": layers, "num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim}
+    """Layers, key/value heads and head size: the shape of the cache a prefix fills (``models.geometry``)."""
+    geo = models.geometry(model)
+    return {k: geo[k] for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim")}
 
 
 def _checkpointing_on(model: nn.Module) -> bool:

@@ -37,16 +37,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import models
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_KEY = "prompt_embeddings"  # peft's name for the one saved tensor, prompt and prefix alike
 METADATA_KEY = "peft_lab"          # our own record, in the safetensors header (peft never reads it)
 
 
-def text_config(model: nn.Module):
-    """The config of the language model itself (the text part of a multimodal config)."""
-    cfg = model.config
-    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+text_config = models.text_config  # the language model's own config (the ground floor reads it)
 
 
 def base_description(model: nn.Module) -> dict:
