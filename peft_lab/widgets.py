@@ -173,8 +173,7 @@ def lora_panel(base, tokenizer, task, steps: int = 20, lr: float = 1e-3, compare
 # A whole sentence that states the task. As a prefix it reads like this text, so P should equal its
 # token count: cut mid-sentence or repeated, it reads like garbled text and starts far worse
 # (notebook 03, section 6).
-PREFIX_INIT_TEXT = ("The following are customer reviews. After each review, its sentiment is given as "
-                    "positive or negative.")
+from .baselines import PREFIX_INIT_TEXT  # noqa: E402  (one init text for notebook 03, its panel and its baseline)
 
 
 def prefix_panel(base, tokenizer, task, steps: int = 20, lr: float = 1e-3, compare_with=()):

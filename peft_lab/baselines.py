@@ -1,0 +1,52 @@
+"""The runs a notebook compares against: from the run log, or trained on the spot when a notebook is
+opened alone (say, straight from GitHub in Colab), so a comparison is never empty.
+
+Explained in notebook 02_lora, section 5. Each baseline is a recipe with fixed settings; a logged run
+counts only if its method, task, learning rate and number of steps all match (runs are looked up by
+what they are, not by a method word alone).
+"""
+from __future__ import annotations
+
+from . import measure, models, runlog, train
+from .methods import freeze, lora, prefix
+
+PREFIX_INIT_TEXT = ("The following are customer reviews. After each review, its sentiment is given as "
+                    "positive or negative.")
+
+
+def _full(base, tok):
+    return freeze.apply(models.fresh_copy(base), "full", verbose=False)
+
+
+def _lora(base, tok):
+    return lora.apply(models.frozen_copy(base), rank=8, alpha=16, targets=["q_proj", "v_proj"])
+
+
+def _prefix(base, tok):
+    length = len(tok(PREFIX_INIT_TEXT).input_ids)  # one slot per token of the init text (notebook 03)
+    return prefix.apply(models.frozen_copy(base), length, init="text", init_text=PREFIX_INIT_TEXT, tokenizer=tok)
+
+
+# name -> (the method word in the run log, learning rate, how to build the tuned model): notebooks 01-03's recipes
+RECIPES = {
+    "full": ("full", 2e-5, _full),
+    "full (lr 1e-4)": ("full (lr 1e-4)", 1e-4, _full),
+    "lora": ("lora", 2e-4, _lora),
+    "prefix": ("prefix", 1e-3, _prefix),
+}
+
+
+def get(name: str, base, tok, task, steps: int, base_scores=None):
+    """The newest evaluated run of recipe ``name`` at ``steps`` steps on ``task`` (this mode), from the run
+    log; if there is none, it is trained and measured now (and logged for the next notebook)."""
+    if name not in RECIPES:
+        raise ValueError(f"Unknown baseline {name!r}; known: {', '.join(RECIPES)}.")
+    method, lr, build = RECIPES[name]
+    run = runlog.latest_run(method, task.name, lr=lr, steps=steps, model=getattr(base, "peft_lab_name", None))
+    if run is not None and "accuracy" in run.metrics:
+        return run
+    print(f"No {name!r} run (lr {lr:g}, {steps} steps) in the run log: training it now, as its notebook would ...")
+    tuned = build(base, tok)
+    run = train.fit(tuned, tok, task, steps=steps, lr=lr, method=method)
+    measure.evaluate_run(run, base, tuned, tok, task, base_scores=base_scores)
+    return run
