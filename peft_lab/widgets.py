@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipywidgets as W
 import matplotlib.pyplot as plt
+import torch
 from IPython.display import clear_output, display
 
 from . import measure, models, plots, train
@@ -63,7 +64,9 @@ class ExperimentPanel:
         # precision for a method to attach to (LoRA, prefix); False: the base itself (soft prompts)
         start = (models.fresh_copy(self.base) if self.copy_base is True
                  else models.frozen_copy(self.base) if self.copy_base == "frozen" else self.base)
+        torch.manual_seed(0)  # random starts (LoRA's A, random prompts) are the same run after run
         tuned = self.make_tuned(start, **values)
+        check_memory(tuned, start is not self.base)
         fig, ax = plt.subplots(figsize=(6, 3))
 
         def redraw(record):
@@ -100,6 +103,35 @@ class ExperimentPanel:
             fig = plots.comparison(self.runs, title="All runs of this panel")
             display(fig)
             plt.close(fig)
+
+
+def free_memory(device) -> int:
+    """Bytes free for training on ``device``: CUDA's free memory, or the system's available memory."""
+    import psutil
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return psutil.virtual_memory().available
+
+
+def check_memory(tuned, copied: bool) -> None:
+    """Refuse settings whose predicted training memory exceeds what is free, with the prediction.
+
+    Predicted: a gradient and AdamW's two moments (12 bytes) per trainable number, plus the weights of
+    the copy the panel just made (already allocated, so only counted as a share of what is used),
+    plus activations of about a quarter of the weights (measured in notebook 00 for batch 8).
+    """
+    params = train.trainable_parameters(tuned)
+    trainable = sum(p.numel() for p in params)
+    weights = train.tensor_bytes(tuned.parameters())
+    predicted = 12 * trainable + weights // 4
+    free = free_memory(next(tuned.parameters()).device)
+    if predicted > free:
+        raise MemoryError(f"These settings need about {predicted / 2**20:,.0f} MiB more for training "
+                          f"({trainable:,} trainable numbers x 12 bytes + activations), but only "
+                          f"{free / 2**20:,.0f} MiB are free{' (the copy of the model is already made)' if copied else ''}. "
+                          "Train fewer parameters (a smaller rank, fewer blocks) or free memory first.")
 
 
 def lr_slider(value=2e-5, low=-6, high=-2):
@@ -216,8 +248,6 @@ def prompt_panel(base, tokenizer, task, steps: int = 20, lr: float = 3e-2, compa
     itself instead of a copy (``copy_base=False``): one frozen model serves every prompt. Soft prompts
     want large learning rates, so the slider reaches 1. Explained in notebook 04_prompt_tuning, "Explore".
     """
-    import torch
-
     from .methods import prompt
 
     controls = {
@@ -230,7 +260,6 @@ def prompt_panel(base, tokenizer, task, steps: int = 20, lr: float = 3e-2, compa
     }
 
     def make_tuned(model, length, init, init_text):
-        torch.manual_seed(0)  # the "random" and "vocab" inits draw from torch's global generator
         return prompt.apply(model, int(length), init=init, init_text=init_text, tokenizer=tokenizer)
 
     def label(values):

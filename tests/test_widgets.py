@@ -38,3 +38,11 @@ def test_a_full_run_from_the_panel_is_not_the_full_baseline(tiny_llama, tokenize
     panel.run_button.click()
     assert panel.runs[0].method == "freeze full" and "lr" in panel.runs[0].label
     assert runlog.latest_run("full", "tiny") is None  # notebooks 02-04 look the baseline up as "full"
+
+
+def test_the_panel_refuses_settings_that_do_not_fit_in_memory(tiny_llama, tokenizer, monkeypatch):
+    monkeypatch.setattr(widgets, "free_memory", lambda device: 1000)  # 1,000 bytes free
+    panel = widgets.freezing_panel(tiny_llama, tokenizer, make_tiny_task(), steps=2)
+    panel.controls["choice"].value = "full"
+    panel.run_button.click()  # ipywidgets logs the exception; the panel shows it
+    assert "MiB" in panel.status.value and "free" in panel.status.value and panel.runs == []

@@ -40,3 +40,18 @@ def missing_functions(module) -> list:
 def info(tuned) -> dict:
     """The ``peft_lab_info`` of a tuned model (method name and settings), or {} for a plain model."""
     return dict(getattr(tuned, "peft_lab_info", None) or {})
+
+
+def require_layers(model, find_layers, method: str) -> dict:
+    """``find_layers(model)`` (name -> layer), or a clear error when the method was never applied."""
+    layers = find_layers(model)
+    if not layers:
+        raise ValueError(f"This model has no {method} layers: call {method.lower()}.apply(model, ...) first.")
+    return layers
+
+
+def each_layer(model, find_layers, method: str, action: str):
+    """Call ``action`` ("merge", "unmerge") on every layer of the method; returns the model."""
+    for layer in require_layers(model, find_layers, method).values():
+        getattr(layer, action)()
+    return model

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import lora
+from . import base as contract
 from .lora import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, LoRALinear
 
 MAGNITUDE = "lora_magnitude_vector"  # peft's name for m, in its modules and in its saved keys
@@ -186,10 +187,7 @@ def apply(model, rank=8, alpha=16, targets=("q_proj", "v_proj"), dropout=0.0, in
 
 
 def _require_dora(model):
-    layers = dora_layers(model)
-    if not layers:
-        raise ValueError("This model has no DoRA layers: call dora.apply(model, ...) first.")
-    return layers
+    return contract.require_layers(model, dora_layers, "DoRA")
 
 
 def merge(model):
@@ -197,16 +195,12 @@ def merge(model):
 
     Explained in notebook 06_beyond_lora, section 2.
     """
-    for layer in _require_dora(model).values():
-        layer.merge()
-    return model
+    return contract.each_layer(model, dora_layers, "DoRA", "merge")
 
 
 def unmerge(model):
     """Undo merge (exact up to float rounding); returns the model."""
-    for layer in _require_dora(model).values():
-        layer.unmerge()
-    return model
+    return contract.each_layer(model, dora_layers, "DoRA", "unmerge")
 
 
 def remove(model):
@@ -285,46 +279,9 @@ def load(model, folder):
     modules, other shapes) or with another rank; a failed load leaves a fresh model as it came.
     Explained in notebook 06_beyond_lora, section 2.
     """
-    from safetensors.torch import load_file
-
-    config = _read_config(folder)
-    rank, alpha, rslora = config["r"], config["lora_alpha"], config.get("use_rslora", False)
-    targets = config["target_modules"]
-    if isinstance(targets, str) and targets != "all-linear":  # peft: a single string is a regex
-        import re
-        targets = [n for n, _ in lora._linear_modules(model) if re.fullmatch(targets, n)] or [targets]
-    saved_for, ours = config.get("base_model_name_or_path"), lora._base_name(model)
-    if saved_for and ours and saved_for != ours:
-        import warnings
-        warnings.warn(f"The adapter was saved for {saved_for!r}, this model is {ours!r}.")
-
     if lora.lora_layers(model) and not dora_layers(model):
         raise ValueError("This model has plain LoRA layers: call lora.remove(model) before loading DoRA.")
-    applied_here = not dora_layers(model)
-    if applied_here:
-        try:
-            apply(model, rank=rank, alpha=alpha, targets=targets, dropout=config.get("lora_dropout", 0.0),
-                  init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
-                  rslora=rslora)
-        except ValueError as e:
-            raise ValueError(f"The adapter in {folder!r} does not fit this model (made for another "
-                             f"base model?): {e}") from None
-    else:
-        info = model.peft_lab_info
-        have = (info["rank"], info["alpha"], info["rslora"])
-        if have != (rank, alpha, rslora):
-            raise ValueError(
-                f"The adapter has rank={rank}, alpha={alpha}, rslora={rslora}, but this model's DoRA "
-                f"layers have rank={have[0]}, alpha={have[1]}, rslora={have[2]}. Load onto a fresh base "
-                "model (load applies DoRA itself) or apply with the same settings."
-            )
-    try:
-        _load_weights(model, load_file(os.path.join(folder, WEIGHTS_NAME)))
-    except ValueError:
-        if applied_here:
-            remove(model)  # leave the model as it came
-        raise
-    return model
+    return lora.attach_and_load(model, folder, _read_config(folder), "DoRA", apply, dora_layers, _load_weights, remove)
 
 
 def _load_weights(model, state):

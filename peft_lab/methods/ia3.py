@@ -41,6 +41,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import lora
+from . import base as contract
 from .lora import CONFIG_NAME, KEY_PREFIX, LINEAR_TYPES, WEIGHTS_NAME
 
 VECTOR = "ia3_l"  # peft's name for the scaling vector, in its modules and in its saved keys
@@ -211,10 +212,7 @@ def apply(model, targets=None, feedforward=None):
 
 
 def _require_ia3(model):
-    layers = ia3_layers(model)
-    if not layers:
-        raise ValueError("This model has no IA3 layers: call ia3.apply(model, ...) first.")
-    return layers
+    return contract.require_layers(model, ia3_layers, "IA3")
 
 
 def merge(model):
@@ -222,9 +220,7 @@ def merge(model):
 
     Explained in notebook 06_beyond_lora, section 3.
     """
-    for layer in _require_ia3(model).values():
-        layer.merge()
-    return model
+    return contract.each_layer(model, ia3_layers, "IA3", "merge")
 
 
 def unmerge(model):

@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import base as contract
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 KEY_PREFIX = "base_model.model."  # how peft names the wrapped model in its saved keys
@@ -205,10 +207,7 @@ def apply(model, rank=8, alpha=16, targets=("q_proj", "v_proj"), dropout=0.0, in
 
 
 def _require_lora(model):
-    layers = lora_layers(model)
-    if not layers:
-        raise ValueError("This model has no LoRA layers: call lora.apply(model, ...) first.")
-    return layers
+    return contract.require_layers(model, lora_layers, "LoRA")
 
 
 def merge(model):
@@ -216,16 +215,12 @@ def merge(model):
 
     Explained in notebook 02_lora, section 4.
     """
-    for layer in _require_lora(model).values():
-        layer.merge()
-    return model
+    return contract.each_layer(model, lora_layers, "LoRA", "merge")
 
 
 def unmerge(model):
     """Undo merge: subtract each B A again (exact up to float rounding)."""
-    for layer in _require_lora(model).values():
-        layer.unmerge()
-    return model
+    return contract.each_layer(model, lora_layers, "LoRA", "unmerge")
 
 
 def remove(model):
@@ -338,9 +333,15 @@ def load(model, folder):
     Raises ValueError when the adapter was made for another base model (missing modules, other
     shapes) or with another rank. Explained in notebook 02_lora, section 6.
     """
+    return attach_and_load(model, folder, _read_config(folder), "LoRA", apply, lora_layers, _load_weights, remove)
+
+
+def attach_and_load(model, folder, config, name, apply_fn, find_layers, load_weights, remove_fn):
+    """The loading steps LoRA and its variants (DoRA) share: read the settings from ``config``, apply
+    them (or check the layers already there agree), load the weights; a failed load leaves a fresh
+    model as it came."""
     from safetensors.torch import load_file
 
-    config = _read_config(folder)
     rank, alpha, rslora = config["r"], config["lora_alpha"], config.get("use_rslora", False)
     targets = config["target_modules"]
     if isinstance(targets, str) and targets != "all-linear":  # peft: a single string is a regex
@@ -350,12 +351,12 @@ def load(model, folder):
     if saved_for and ours and saved_for != ours:
         warnings.warn(f"The adapter was saved for {saved_for!r}, this model is {ours!r}.")
 
-    applied_here = not lora_layers(model)
+    applied_here = not find_layers(model)
     if applied_here:
         try:
-            apply(model, rank=rank, alpha=alpha, targets=targets, dropout=config.get("lora_dropout", 0.0),
-                  init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
-                  rslora=rslora)
+            apply_fn(model, rank=rank, alpha=alpha, targets=targets, dropout=config.get("lora_dropout", 0.0),
+                     init="gaussian" if config.get("init_lora_weights") == "gaussian" else "kaiming",
+                     rslora=rslora)
         except ValueError as e:
             raise ValueError(f"The adapter in {folder!r} does not fit this model (made for another "
                              f"base model?): {e}") from None
@@ -364,15 +365,15 @@ def load(model, folder):
         have = (info["rank"], info["alpha"], info["rslora"])
         if have != (rank, alpha, rslora):
             raise ValueError(
-                f"The adapter has rank={rank}, alpha={alpha}, rslora={rslora}, but this model's LoRA "
+                f"The adapter has rank={rank}, alpha={alpha}, rslora={rslora}, but this model's {name} "
                 f"layers have rank={have[0]}, alpha={have[1]}, rslora={have[2]}. Load onto a fresh base "
-                "model (load applies LoRA itself) or apply with the same settings."
+                f"model (load applies {name} itself) or apply with the same settings."
             )
     try:
-        _load_weights(model, load_file(os.path.join(folder, WEIGHTS_NAME)))
+        load_weights(model, load_file(os.path.join(folder, WEIGHTS_NAME)))
     except ValueError:
         if applied_here:
-            remove(model)  # leave the model as it came
+            remove_fn(model)  # leave the model as it came
         raise
     return model
 
