@@ -12,6 +12,6 @@ Import the module you need, e.g. ``from peft_lab import lora`` (the method modul
 here under their short names).
 """
 
-from .methods import freeze, lora, prefix, prompt  # noqa: F401  (``from peft_lab import lora`` keeps working)
+from .methods import dora, freeze, ia3, lora, prefix, prompt  # noqa: F401  (``from peft_lab import lora`` works)
 
 __version__ = "0.1.0"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from peft_lab import freeze, lora, methods, models, runlog, train
-from tests.conftest import make_tiny_task
+from tests.conftest import make_tiny_llama, make_tiny_task
 
 
 @pytest.fixture
@@ -103,3 +103,27 @@ def test_seeded_runs_repeat_exactly(tiny_llama, tokenizer, log):
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="Known methods: lora"):
         methods.get("lorax")
+
+
+@pytest.mark.parametrize("name", ["prefix", "prompt"])
+def test_more_virtual_tokens_than_the_context_is_refused(name, tiny_llama):
+    with pytest.raises(ValueError, match="whole context of 128"):
+        methods.get(name).apply(tiny_llama, num_virtual_tokens=500)
+
+
+@pytest.mark.parametrize("name", ["lora", "dora"])
+def test_rank_must_be_positive(name, tiny_llama):
+    with pytest.raises(ValueError, match="rank must be at least 1"):
+        methods.get(name).apply(tiny_llama, rank=0, targets=["q_proj"])
+
+
+@pytest.mark.parametrize("name", methods.names())
+def test_a_truncated_weights_file_is_a_clear_error(name, tiny_llama, tmp_path):
+    module = methods.get(name)
+    settings = {"lora": {"rank": 2, "targets": ["q_proj"]}, "dora": {"rank": 2, "targets": ["q_proj"]},
+                "prefix": {"num_virtual_tokens": 2}, "prompt": {"num_virtual_tokens": 2}}.get(name, {})
+    folder = module.save(module.apply(make_tiny_llama(), **settings), tmp_path / "adapter")
+    weights = next(p for p in folder.iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.raises(ValueError, match="damaged|truncated|corrupt"):
+        module.load(tiny_llama, folder)

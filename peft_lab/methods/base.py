@@ -55,3 +55,25 @@ def each_layer(model, find_layers, method: str, action: str):
     for layer in require_layers(model, find_layers, method).values():
         getattr(layer, action)()
     return model
+
+
+def read_weights(path) -> dict:
+    """The tensors of a saved adapter file; a damaged or truncated file is a ValueError that says what to do."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, EOFError) as err:
+        if not __import__("os").path.exists(path):
+            raise FileNotFoundError(f"No weights file {path}: is this a saved adapter folder?") from None
+        raise ValueError(f"The weights file {path} is damaged or truncated ({err}); save the adapter again.") from None
+
+
+def check_context(model, num_virtual_tokens: int) -> None:
+    """Virtual positions take room in the model's context: refuse a P that leaves none for the text."""
+    cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+    context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if context is not None and num_virtual_tokens >= context:
+        raise ValueError(f"num_virtual_tokens={num_virtual_tokens} fills the model's whole context of {context} "
+                         f"positions, leaving none for the text; use far fewer (tens, not hundreds).")

@@ -358,7 +358,7 @@ def load(model, folder):
             raise ValueError(f"The adapter in {folder!r} does not fit this model (made for another "
                              f"base model?): {e}") from None
     try:
-        _load_weights(model, load_file(os.path.join(folder, WEIGHTS_NAME)))
+        _load_weights(model, contract.read_weights(os.path.join(folder, WEIGHTS_NAME)))
     except ValueError:
         if applied_here:
             remove(model)  # leave the model as it came

@@ -370,7 +370,7 @@ def attach_and_load(model, folder, config, name, apply_fn, find_layers, load_wei
                 f"model (load applies {name} itself) or apply with the same settings."
             )
     try:
-        load_weights(model, load_file(os.path.join(folder, WEIGHTS_NAME)))
+        load_weights(model, contract.read_weights(os.path.join(folder, WEIGHTS_NAME)))
     except ValueError:
         if applied_here:
             remove_fn(model)  # leave the model as it came

@@ -329,7 +329,7 @@ def apply(model: nn.Module, num_virtual_tokens: int = 10, reparametrize: bool = 
     keys/values for ``init_text``, see :func:`text_prefix`).
     Explained in notebook 03_prefix_tuning, section 1 (the text init in section 4, the MLP in section 3).
     """
-    check_settings(num_virtual_tokens, init, INITS)
+    check_settings(model, num_virtual_tokens, init, INITS)
     if _checkpointing_on(model):
         raise ValueError(CHECKPOINTING_ERROR)
     geo = _geometry(model)

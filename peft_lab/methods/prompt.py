@@ -180,7 +180,7 @@ def apply(model: nn.Module, num_virtual_tokens: int = 20, init: str = "random",
     ``init`` is "random", "vocab" or "text" (see ``_init_prompt``). Returns a :class:`PromptTuned`
     whose only trainable parameter is the prompt. Explained in notebook 04_prompt_tuning, section 2.
     """
-    check_settings(num_virtual_tokens, init, INITS)
+    check_settings(model, num_virtual_tokens, init, INITS)
     if model.get_input_embeddings() is None:
         raise ValueError("this model has no input embedding layer (get_input_embeddings() is None)")
     prompt = _init_prompt(model, num_virtual_tokens, init, init_text, tokenizer)

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from .. import models
+from . import base as contract
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -56,12 +57,13 @@ def base_description(model: nn.Module) -> dict:
             "num_hidden_layers": getattr(cfg, "num_hidden_layers", None)}
 
 
-def check_settings(num_virtual_tokens, init: str, inits: tuple) -> None:
-    """The two settings every ``apply`` takes, checked once."""
+def check_settings(model, num_virtual_tokens, init: str, inits: tuple) -> None:
+    """The settings every ``apply`` takes, checked once: a known init, and a P that fits the context."""
     if init not in inits:
         raise ValueError(f"unknown init {init!r}; choose one of {inits}")
     if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < 1:
         raise ValueError(f"num_virtual_tokens must be a positive int, got {num_virtual_tokens!r}")
+    contract.check_context(model, num_virtual_tokens)
 
 
 class VirtualTokenModel(nn.Module):
