@@ -3,8 +3,10 @@
 Explained in notebook 01_full_finetuning_and_freezing, section "Explore"; notebooks 02-04 reuse
 ``ExperimentPanel`` with their own controls.
 
-A panel holds the frozen base model, a dict of control widgets and a ``make_tuned(base, **values)``
-function that returns the model to train. Clicking Run trains a fresh copy, redraws the loss
+A panel is declared as a table (``PANELS``): for each method, the controls *named after its
+``apply`` arguments*, the fixed arguments, and how to copy the base. ``method_panel("lora", ...)``
+builds it; the panel calls ``apply(model, **control values, **fixed)``, so a knob can be followed from
+the widget straight to the argument, and from there to the layer. Adding a method's panel is one entry. Clicking Run trains a fresh copy, redraws the loss
 curve after every step, measures accuracy and forgetting, and adds the run to the table and
 plots. ``panel.runs`` keeps every run, so a test can drive the controls, click, and read results.
 """
@@ -15,7 +17,7 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import clear_output, display
 
-from . import measure, models, plots, train
+from . import measure, methods, models, plots, train
 from .methods import freeze
 
 
@@ -143,127 +145,124 @@ def steps_slider(value=20, high=200):
     return W.IntSlider(value=value, min=1, max=high, step=1, description="steps")
 
 
-def freezing_panel(base, tokenizer, task, steps: int = 20, lr: float = 2e-5, compare_with=()):
-    """Notebook 01's panel: freezing choice, N blocks, learning rate, steps, Run."""
-    n_layers = len(freeze.blocks(base))
-    controls = {
-        "choice": W.Dropdown(options=list(freeze.CHOICES), value="last_n", description="train"),
-        "n": W.IntSlider(value=2, min=1, max=n_layers, description="N blocks"),
-        "lr": lr_slider(lr),
-        "steps": steps_slider(steps),
-    }
-
-    def make_tuned(model, choice, n):
-        return freeze.apply(model, choice, n=n, verbose=False)
-
-    def label(values):
-        # "freeze ..." keeps panel runs apart from notebook 01's full fine-tuning baselines in the run log
-        return "freeze " + (f"last {values['n']}" if values["choice"] == "last_n" else values["choice"])
-
-    return ExperimentPanel(base, tokenizer, task, controls, make_tuned, title="Freezing choices",
-                           method_label=label, compare_with=compare_with)
-
-
+WIDE = {"description_width": "initial"}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def lora_panel(base, tokenizer, task, steps: int = 20, lr: float = 1e-3, compare_with=()):
-    """Notebook 02_lora's panel: rank, alpha, target modules, dropout, learning rate, steps, Run.
-
-    Explained in notebook 02_lora, section "Explore". Each run wraps a fresh copy of ``base`` with
-    ``lora.apply`` and joins the comparison with ``compare_with`` (e.g. full fine-tuning).
-    """
-    from .methods import lora
-
-    names = set(lora.linear_module_names(base))
-    options = [t for t in LORA_TARGETS if t in names] or sorted(names)  # GPT-2 style models: c_attn, ...
-    default = tuple(t for t in ("q_proj", "v_proj") if t in options) or (options[0],)
-    wide = {"description_width": "initial"}
-    controls = {
-        "rank": W.IntSlider(value=8, min=1, max=64, description="rank r"),
-        "alpha": W.FloatSlider(value=16, min=1, max=128, step=1, description="alpha", readout_format=".0f"),
-        "targets": W.SelectMultiple(options=options, value=default, rows=len(options),
-                                    description="target modules", style=wide),
-        "dropout": W.FloatSlider(value=0.0, min=0.0, max=0.5, step=0.05, description="dropout"),
-        "lr": lr_slider(lr),
-        "steps": steps_slider(steps),
-    }
-
-    def make_tuned(model, rank, alpha, targets, dropout):
-        if not targets:
-            raise ValueError("Select at least one target module.")
-        return lora.apply(model, rank=int(rank), alpha=float(alpha), targets=list(targets), dropout=float(dropout))
-
-    def label(values):
-        short = ",".join(t.split("_")[0] for t in values["targets"])
-        return f"LoRA r={values['rank']} ({short})"
-
-    return ExperimentPanel(base, tokenizer, task, controls, make_tuned, copy_base="frozen", title="LoRA",
-                           method_label=label, compare_with=compare_with)
-
 
 # A whole sentence that states the task. As a prefix it reads like this text, so P should equal its
 # token count: cut mid-sentence or repeated, it reads like garbled text and starts far worse
 # (notebook 03, section 6).
 from .baselines import PREFIX_INIT_TEXT  # noqa: E402  (one init text for notebook 03, its panel and its baseline)
+PROMPT_INIT_TEXT = "Is this review positive or negative?"
 
 
-def prefix_panel(base, tokenizer, task, steps: int = 20, lr: float = 1e-3, compare_with=()):
-    """Notebook 03's panel: prefix length, reparametrisation, init (random / text), learning rate, steps, Run.
+def _freeze_controls(base, tokenizer):
+    return {"choice": W.Dropdown(options=list(freeze.CHOICES), value="last_n", description="train"),
+            "n": W.IntSlider(value=2, min=1, max=len(freeze.blocks(base)), description="N blocks")}
 
-    Explained in notebook 03_prefix_tuning, section "Explore". The prefix is evaluated as trained (a
-    reparametrised prefix is not folded: folding changes no output). The length starts at the init
-    text's token count.
-    """
+
+def _lora_controls(base, tokenizer):
+    from .methods import lora
+
+    names = set(lora.linear_module_names(base))
+    options = [t for t in LORA_TARGETS if t in names] or sorted(names)  # GPT-2 style models: c_attn, ...
+    default = tuple(t for t in ("q_proj", "v_proj") if t in options) or (options[0],)
+    return {"rank": W.IntSlider(value=8, min=1, max=64, description="rank r"),
+            "alpha": W.FloatSlider(value=16, min=1, max=128, step=1, description="alpha", readout_format=".0f"),
+            "targets": W.SelectMultiple(options=options, value=default, rows=len(options),
+                                        description="target modules", style=WIDE),
+            "dropout": W.FloatSlider(value=0.0, min=0.0, max=0.5, step=0.05, description="dropout")}
+
+
+def _prefix_controls(base, tokenizer):
     from .methods import prefix
 
     text_tokens = len(tokenizer(PREFIX_INIT_TEXT).input_ids)
-    controls = {
-        "length": W.IntSlider(value=min(max(text_tokens, 1), 64), min=1, max=64, description="prefix P"),
-        "reparametrize": W.Checkbox(value=False, description="reparametrise (MLP)"),
-        "init": W.Dropdown(options=list(prefix.INITS), value="text", description="init"),
-        "init_text": W.Text(value=PREFIX_INIT_TEXT, description="init text", style={"description_width": "initial"},
-                            layout=W.Layout(width="80%")),
-        "lr": lr_slider(lr, low=-5, high=-1),
-        "steps": steps_slider(steps),
-    }
+    return {"num_virtual_tokens": W.IntSlider(value=min(max(text_tokens, 1), 64), min=1, max=64, description="prefix P"),
+            "reparametrize": W.Checkbox(value=False, description="reparametrise (MLP)"),
+            "init": W.Dropdown(options=list(prefix.INITS), value="text", description="init"),
+            "init_text": W.Text(value=PREFIX_INIT_TEXT, description="init text", style=WIDE, layout=W.Layout(width="80%"))}
 
-    def make_tuned(model, length, reparametrize, init, init_text):
-        return prefix.apply(model, int(length), reparametrize=bool(reparametrize), init=init,
-                            init_text=init_text if init == "text" else None, tokenizer=tokenizer)
 
-    def label(values):
-        return (f"prefix P={values['length']}" + (" +MLP" if values["reparametrize"] else "")
-                + f" ({values['init']})")
+def _prompt_controls(base, tokenizer, init_text=PROMPT_INIT_TEXT):
+    from .methods import prompt
 
-    return ExperimentPanel(base, tokenizer, task, controls, make_tuned, copy_base="frozen", title="Prefix tuning",
-                           method_label=label, compare_with=compare_with)
+    return {"num_virtual_tokens": W.IntSlider(value=20, min=1, max=100, description="prompt P"),
+            "init": W.Dropdown(options=list(prompt.INITS), value="text", description="init"),
+            "init_text": W.Text(value=init_text, description="init text", style=WIDE, layout=W.Layout(width="60%"))}
+
+
+def _lora_label(v):
+    return f"LoRA r={v['rank']} ({','.join(t.split('_')[0] for t in v['targets'])})"
+
+
+# method -> how its panel is built. "controls" are named after the method's ``apply`` arguments;
+# "fixed" are further arguments; "copy": True = a trainable fp32 copy (freezing), "frozen" = a frozen
+# copy in the base's precision (LoRA, prefix), False = the base itself (soft prompts never change it).
+PANELS = {
+    "freeze": {"title": "Freezing choices", "controls": _freeze_controls, "fixed": lambda tok: {"verbose": False},
+               "copy": True, "lr_range": (-6, -2),
+               # "freeze ..." keeps panel runs apart from notebook 01's full fine-tuning baselines in the run log
+               "label": lambda v: "freeze " + (f"last {v['n']}" if v["choice"] == "last_n" else v["choice"])},
+    "lora": {"title": "LoRA", "controls": _lora_controls, "fixed": lambda tok: {}, "copy": "frozen",
+             "lr_range": (-6, -2), "label": _lora_label},
+    "prefix": {"title": "Prefix tuning", "controls": _prefix_controls, "fixed": lambda tok: {"tokenizer": tok},
+               "copy": "frozen", "lr_range": (-5, -1),
+               "label": lambda v: f"prefix P={v['num_virtual_tokens']}" + (" +MLP" if v["reparametrize"] else "") + f" ({v['init']})"},
+    "prompt": {"title": "Prompt tuning", "controls": _prompt_controls, "fixed": lambda tok: {"tokenizer": tok},
+               "copy": False, "lr_range": (-4, 0),
+               "label": lambda v: f"prompt P={v['num_virtual_tokens']} ({v['init']})"},
+}
+
+
+def _clean(value):
+    """Widget values as ``apply`` wants them: a multiple selection is a list."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def method_panel(method: str, base, tokenizer, task, steps: int = 20, lr: float = 1e-3, compare_with=(),
+                 controls: dict | None = None) -> ExperimentPanel:
+    """The panel of ``method`` (a key of ``PANELS``): its controls, learning rate, steps and Run.
+
+    Each Run calls ``apply(copy of base, **control values, **fixed)`` of the method's module.
+    """
+    if method not in PANELS:
+        raise ValueError(f"No panel for {method!r}; panels exist for {', '.join(PANELS)}.")
+    spec = PANELS[method]
+    module = freeze if method == "freeze" else methods.get(method)
+    controls = {**(controls or spec["controls"](base, tokenizer)),
+                "lr": lr_slider(lr, *spec["lr_range"]), "steps": steps_slider(steps)}
+    fixed = spec["fixed"](tokenizer)
+
+    def make_tuned(model, **values):
+        if "targets" in values and not values["targets"]:
+            raise ValueError("Select at least one target module.")
+        if values.get("init") != "text":
+            values.pop("init_text", None)  # only a text init reads it
+        return module.apply(model, **{k: _clean(v) for k, v in values.items()}, **fixed)
+
+    return ExperimentPanel(base, tokenizer, task, controls, make_tuned, copy_base=spec["copy"], title=spec["title"],
+                           method_label=spec["label"], compare_with=compare_with)
+
+
+def freezing_panel(base, tokenizer, task, steps: int = 20, lr: float = 2e-5, compare_with=()):
+    """Notebook 01's panel: freezing choice, N blocks, learning rate, steps, Run. Explained in notebook 01, section 5."""
+    return method_panel("freeze", base, tokenizer, task, steps, lr, compare_with)
+
+
+def lora_panel(base, tokenizer, task, steps: int = 20, lr: float = 1e-3, compare_with=()):
+    """Notebook 02's panel: rank, alpha, target modules, dropout. Explained in notebook 02_lora, section "Explore"."""
+    return method_panel("lora", base, tokenizer, task, steps, lr, compare_with)
+
+
+def prefix_panel(base, tokenizer, task, steps: int = 20, lr: float = 1e-3, compare_with=()):
+    """Notebook 03's panel: prefix length, reparametrisation, init and its text. The prefix is evaluated as
+    trained (folding changes no output). Explained in notebook 03_prefix_tuning, section "Explore"."""
+    return method_panel("prefix", base, tokenizer, task, steps, lr, compare_with)
 
 
 def prompt_panel(base, tokenizer, task, steps: int = 20, lr: float = 3e-2, compare_with=(),
-                 init_text: str = "Is this review positive or negative?"):
-    """Notebook 04's panel: prompt length, initialisation (and its text), learning rate, steps, Run.
-
-    Prompt tuning never changes the base model, so the panel puts each new prompt in front of ``base``
-    itself instead of a copy (``copy_base=False``): one frozen model serves every prompt. Soft prompts
-    want large learning rates, so the slider reaches 1. Explained in notebook 04_prompt_tuning, "Explore".
-    """
-    from .methods import prompt
-
-    controls = {
-        "length": W.IntSlider(value=20, min=1, max=100, description="prompt length"),
-        "init": W.Dropdown(options=list(prompt.INITS), value="text", description="init"),
-        "init_text": W.Text(value=init_text, description="init text", style={"description_width": "initial"},
-                            layout=W.Layout(width="60%")),
-        "lr": lr_slider(lr, low=-4, high=0),
-        "steps": steps_slider(steps),
-    }
-
-    def make_tuned(model, length, init, init_text):
-        return prompt.apply(model, int(length), init=init, init_text=init_text, tokenizer=tokenizer)
-
-    def label(values):
-        return f"prompt P={values['length']} ({values['init']})"
-
-    return ExperimentPanel(base, tokenizer, task, controls, make_tuned, copy_base=False,
-                           title="Prompt tuning", method_label=label, compare_with=compare_with)
+                 init_text: str = PROMPT_INIT_TEXT):
+    """Notebook 04's panel: prompt length, init and its text. One frozen model serves every prompt, so no
+    copy is made. Soft prompts want large learning rates: the slider reaches 1. Explained in notebook 04_prompt_tuning, "Explore"."""
+    return method_panel("prompt", base, tokenizer, task, steps, lr, compare_with,
+                        controls=_prompt_controls(base, tokenizer, init_text))

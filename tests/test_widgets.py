@@ -46,3 +46,24 @@ def test_the_panel_refuses_settings_that_do_not_fit_in_memory(tiny_llama, tokeni
     panel.controls["choice"].value = "full"
     panel.run_button.click()  # ipywidgets logs the exception; the panel shows it
     assert "MiB" in panel.status.value and "free" in panel.status.value and panel.runs == []
+
+
+def test_panel_controls_are_named_after_the_apply_arguments(tiny_llama, tokenizer):
+    import inspect
+
+    from peft_lab import methods
+    from peft_lab.methods import freeze
+
+    for method in widgets.PANELS:
+        module = freeze if method == "freeze" else methods.get(method)
+        panel = widgets.method_panel(method, tiny_llama, tokenizer, make_tiny_task())
+        knobs = set(panel.controls) - {"lr", "steps"}
+        assert knobs <= set(inspect.signature(module.apply).parameters), (method, knobs)
+    with pytest.raises(ValueError, match="panels exist for freeze, lora"):
+        widgets.method_panel("ia4", tiny_llama, tokenizer, make_tiny_task())
+
+
+def test_running_a_panel_twice_gives_the_same_run(tiny_llama, tokenizer):
+    panel = widgets.lora_panel(tiny_llama, tokenizer, make_tiny_task(), steps=2)
+    first, second = panel.run(), panel.run()  # no double wrapping, no stale state: the same seeded run
+    assert first.losses == second.losses and first.metrics["accuracy"] == second.metrics["accuracy"]

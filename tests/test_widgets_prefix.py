@@ -13,10 +13,10 @@ def test_prefix_panel_runs_every_setting(tiny_model, tokenizer):
     task = make_tiny_task()
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     panel = widgets.prefix_panel(tiny_model, tokenizer, task, steps=2, lr=1e-2, compare_with=[])
-    assert set(panel.controls) >= {"length", "reparametrize", "init", "lr", "steps"}
-    assert (panel.controls["length"].min, panel.controls["length"].max) == (1, 64)
+    assert set(panel.controls) >= {"num_virtual_tokens", "reparametrize", "init", "lr", "steps"}
+    assert (panel.controls["num_virtual_tokens"].min, panel.controls["num_virtual_tokens"].max) == (1, 64)
 
-    panel.controls["length"].value = 3
+    panel.controls["num_virtual_tokens"].value = 3
     panel.controls["reparametrize"].value = False
     panel.controls["init"].value = "random"
     panel.controls["steps"].value = 3
@@ -31,7 +31,7 @@ def test_prefix_panel_runs_every_setting(tiny_model, tokenizer):
     assert "accuracy" in run.metrics and "kl" in run.metrics
     assert panel.status.value.startswith("done")
 
-    panel.controls["length"].value = 5
+    panel.controls["num_virtual_tokens"].value = 5
     panel.controls["reparametrize"].value = True
     panel.controls["init"].value = "text"
     panel.controls["init_text"].value = "review sentiment : positive or negative"
@@ -46,7 +46,7 @@ def test_prefix_panel_runs_every_setting(tiny_model, tokenizer):
 def test_prefix_trainable_count_matches_formula(tiny_llama, tokenizer):
     task = make_tiny_task()
     panel = widgets.prefix_panel(tiny_llama, tokenizer, task, steps=1, lr=1e-2)
-    panel.controls["length"].value = 4
+    panel.controls["num_virtual_tokens"].value = 4
     panel.controls["reparametrize"].value = False
     panel.controls["init"].value = "random"
     panel.controls["steps"].value = 1

@@ -14,8 +14,8 @@ def test_prompt_panel_trains_prompts_in_front_of_the_untouched_base(tiny_llama, 
     before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
     panel = widgets.prompt_panel(tiny_llama, tokenizer, task, steps=2, lr=1e-1, compare_with=[],
                                  init_text="is this review positive or negative")
-    assert set(panel.controls) == {"length", "init", "init_text", "lr", "steps"}
-    panel.controls["length"].value = 4
+    assert set(panel.controls) == {"num_virtual_tokens", "init", "init_text", "lr", "steps"}
+    panel.controls["num_virtual_tokens"].value = 4
     panel.controls["init"].value = "text"
     panel.controls["steps"].value = 3
     panel.run_button.click()
@@ -28,7 +28,7 @@ def test_prompt_panel_trains_prompts_in_front_of_the_untouched_base(tiny_llama, 
     assert "accuracy" in run.metrics and "kl" in run.metrics and run.metrics["kl"] >= 0
     assert panel.status.value.startswith("done")
 
-    panel.controls["length"].value = 2
+    panel.controls["num_virtual_tokens"].value = 2
     panel.controls["init"].value = "random"
     panel.controls["lr"].value = 1e-2
     panel.run_button.click()
