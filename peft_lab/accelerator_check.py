@@ -44,9 +44,13 @@ _CROSS_DEVICE_OK = {T.copy_, T.__setitem__, T.__getitem__, T.index_put_, T.__dee
 _HOST_ONLY = {T.numpy, T.__array__}
 
 
+_PARAMETER = torch.nn.Parameter
+
+
 def on_accelerator(t: torch.Tensor) -> bool:
     """Does ``t`` live on the (pretend) accelerator? Parameters always do: the model lives there."""
-    return isinstance(t, torch.nn.Parameter) or getattr(t, _TAG, False)
+    # ``type(t) is`` rather than isinstance: Parameter's isinstance hook is slow, and this runs on every op
+    return type(t) is _PARAMETER or getattr(t, _TAG, False)
 
 
 def _is_host_name(device) -> bool:
@@ -64,7 +68,7 @@ def _tensors(args, kwargs):
 
 def _placed(t, accelerator: bool):
     """``t`` tagged as living on the accelerator or not; a new object if the tag changes, as a real move would."""
-    if isinstance(t, torch.nn.Parameter) or on_accelerator(t) == accelerator:
+    if type(t) is _PARAMETER or on_accelerator(t) == accelerator:
         return t
     moved = t.view_as(t)
     if accelerator:
@@ -74,7 +78,7 @@ def _placed(t, accelerator: bool):
 
 def _tag_all(out):
     if isinstance(out, torch.Tensor):
-        if not isinstance(out, torch.nn.Parameter):
+        if type(out) is not _PARAMETER:
             setattr(out, _TAG, True)
     elif isinstance(out, (list, tuple)):
         for o in out:
