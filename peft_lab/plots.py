@@ -34,7 +34,7 @@ def loss_curves(runs, ax=None, smooth: int = 5):
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_title("Loss (running mean)")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves stay visible
     return ax
 
 
@@ -55,7 +55,7 @@ def memory_breakdown(runs, ax=None):
     ax.set_xticks(range(len(runs)), [_label(r) for r in runs], rotation=20, ha="right")
     ax.set_ylabel("MiB")
     ax.set_title("Training memory, measured in a real step")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
     return ax
 
 

@@ -24,7 +24,7 @@ from . import models
 
 # settings worth naming in a label, in this order, with their short names
 LABEL_SETTINGS = (("rank", "r="), ("targets", ""), ("num_virtual_tokens", "P="), ("init", "init "),
-                  ("choice", ""), ("n", "n="), ("lr", "lr "))
+                  ("n", "n="), ("lr", "lr "))
 
 
 @dataclass
@@ -81,11 +81,16 @@ def default_label(method: str, config: dict) -> str:
             continue
         if isinstance(value, (list, tuple)):
             value = ",".join(map(str, value))
-        text = f"{value:g}".replace("e-0", "e-") if isinstance(value, float) else str(value)  # 2e-05 -> 2e-5
-        parts.append(short + text)
+        parts.append(short + (short_number(value) if isinstance(value, float) else str(value)))
     head = " ".join([method] + [p for p in parts if not p.startswith("lr ")])
     lr = [p for p in parts if p.startswith("lr ")]
     return ", ".join([head] + lr)
+
+
+def short_number(x: float) -> str:
+    """A learning rate as people write it: 2e-5, 1e-4, 3e-3, 0.03."""
+    text = f"{x:.2g}" if x >= 1e-2 else f"{x:.1e}".replace(".0e", "e")
+    return text.replace("e-0", "e-")
 
 
 def run_log_path() -> Path:

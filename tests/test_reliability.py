@@ -23,7 +23,7 @@ def _record(method="full", lr=2e-5, label="", **kw):
 
 def test_labels_carry_the_settings():
     assert _record().label == "full, lr 2e-5"
-    assert _record("lora", 2e-4, rank=8, targets=["q_proj", "v_proj"]).label == "lora r=8 q_proj,v_proj, lr 0.0002"
+    assert _record("lora", 2e-4, rank=8, targets=["q_proj", "v_proj"]).label == "lora r=8 q_proj,v_proj, lr 2e-4"
     assert _record(label="mine").label == "mine"
 
 
