@@ -36,10 +36,6 @@ def parameters(model) -> dict:
     return counts
 
 
-def _device(model):
-    return next(model.parameters()).device
-
-
 # --- task accuracy ------------------------------------------------------------------------------
 
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple:
@@ -57,7 +53,7 @@ def accuracy(tuned, tokenizer, task, split: str = "test", limit: int | None = No
              max_length: int = 64) -> dict:
     """Accuracy on ``task``'s ``split``: argmax over the verbalizer tokens at the label position."""
     examples = getattr(task, split)[:limit] if limit else getattr(task, split)
-    device = _device(tuned)
+    device = data_mod.device_of(tuned)
     verbal = torch.tensor(data_mod.verbalizer_ids(task, tokenizer), device=device)
     tuned.eval()
     correct, predictions = 0, []
@@ -112,7 +108,7 @@ def score_probes(model, tokenizer, probes, batch_size: int = 32) -> list:
     One teacher-forced forward pass per batch does both: the greedy answer equals the right one
     exactly when every answer token is the argmax given the tokens before it.
     """
-    device = _device(model)
+    device = data_mod.device_of(model)
     model.eval()
     out = []
     rows = _probe_rows(tokenizer, probes)
@@ -144,7 +140,7 @@ def prose_chunks(tokenizer, prose: str, max_tokens: int, chunk: int = 256) -> li
 @torch.no_grad()
 def prose_stats(base, tuned, tokenizer, prose: str, max_tokens: int) -> dict:
     """Perplexity of both models on ``prose`` and the mean per-token KL(base || tuned)."""
-    device = _device(tuned)
+    device = data_mod.device_of(tuned)
     nll_base = nll_tuned = kl = 0.0
     n = 0
     for ids in prose_chunks(tokenizer, prose, max_tokens):
@@ -200,7 +196,7 @@ def forgetting(base, tuned, tokenizer, probes=None, prose: str | None = None, ba
 @torch.no_grad()
 def answers(model, tokenizer, prompts, max_new_tokens: int = 6) -> list:
     """Greedy continuations, one prompt at a time, for reading side by side."""
-    device = _device(model)
+    device = data_mod.device_of(model)
     out = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
