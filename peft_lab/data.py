@@ -52,6 +52,11 @@ class Task:
     def labels(self) -> list:
         return list(self.verbalizer)
 
+    @property
+    def is_text(self) -> bool:
+        """A text task (no verbalizer): train on every token of the texts, test with held-out questions."""
+        return not self.verbalizer
+
     def prompt(self, text: str) -> str:
         text = " ".join(text.split())[: self.max_chars]
         return self.template.format(text=text)
@@ -209,6 +214,17 @@ def fact_training_texts(facts: list) -> list:
     return [f["train"] for f in facts]
 
 
+def fact_task(facts: list, name: str = "fictional_facts") -> Task:
+    """New knowledge as a task: train on the facts' sentences (every token, like pre-training), test on their
+    held-out questions (a fact counts as learned when the greedy answer is right).
+
+    Explained in notebook 02_lora, section 5b."""
+    if not facts:
+        raise ValueError("fact_task needs at least one fact: pass data.load_facts() or a slice of it.")
+    return Task(name, [(text, None) for text in fact_training_texts(facts)], [], fact_questions(facts), {},
+                template="{text}")
+
+
 def fact_questions(facts: list) -> list:
     """Every held-out question of ``facts`` as a probe (``prompt``, ``answer``, ``topic``), the format of
     ``load_probes()``, so ``measure.score_probes`` scores them."""
@@ -243,6 +259,8 @@ def encode(examples: list, task: Task, tokenizer, max_length: int = 64, device=N
     model predicts the label), ``target`` (the verbalizer token id) and ``label`` (the label index).
     Texts too long for ``max_length`` are cut *inside the text*, so the prompt's ending survives.
     """
+    if task.is_text:
+        return _encode_texts([text for text, _ in examples], tokenizer, max_length, device)
     labels = task.labels
     targets = verbalizer_ids(task, tokenizer)
     rows = []
@@ -267,6 +285,19 @@ def encode(examples: list, task: Task, tokenizer, max_length: int = 64, device=N
         "target": torch.tensor(targets)[label_idx],
         "label": label_idx,
     }
+    return batch if device is None else to_device(batch, device)
+
+
+def _encode_texts(texts: list, tokenizer, max_length: int, device) -> dict:
+    """Right-padded texts with ``labels`` for a causal language-model loss (padding is -100: not scored)."""
+    rows = [tokenizer(text, add_special_tokens=False).input_ids[:max_length] for text in texts]
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
     return batch if device is None else to_device(batch, device)
 
 

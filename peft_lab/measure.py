@@ -51,21 +51,37 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple:
 @torch.no_grad()
 def accuracy(tuned, tokenizer, task, split: str = "test", limit: int | None = None, batch_size: int = 16,
              max_length: int = 64) -> dict:
-    """Accuracy on ``task``'s ``split``: argmax over the verbalizer tokens at the label position."""
+    """Accuracy on ``task``'s ``split``: argmax over the verbalizer tokens at the label position.
+
+    For a text task (``data.fact_task``) the split holds questions, and the accuracy is the share answered
+    right by the greedy answer (``score_probes``)."""
     examples = getattr(task, split)[:limit] if limit else getattr(task, split)
+    if not examples:
+        raise ValueError(f"Task {task.name!r} has no {split!r} examples to measure.")
+    if task.is_text:
+        right = [s["greedy_right"] for s in score_probes(tuned, tokenizer, examples)]
+        return {"accuracy": sum(right) / len(right), "n": len(right), "predictions": right}
     device = data_mod.device_of(tuned)
     verbal = torch.tensor(data_mod.verbalizer_ids(task, tokenizer), device=device)
     tuned.eval()
     correct, predictions = 0, []
+    loss_full = loss_label = mass = 0.0
     for batch in data_mod.batches(examples, task, tokenizer, batch_size, max_length):
         batch = data_mod.to_device(batch, device)
         with models.autocast(device):  # the precision training ran in (a no-op in fp32)
-            scores = train.label_logits(tuned, batch)[:, verbal].float()
+            logits = train.label_logits(tuned, batch).float()
+        scores = logits[:, verbal]
         pred = scores.argmax(-1)
         correct += int((pred == batch["label"]).sum())
         predictions += pred.tolist()
-    return {"accuracy": correct / len(examples), "n": len(examples),
-            "predictions": [task.labels[i] for i in predictions]}
+        # the two losses of notebook 00, section 4: over the whole vocabulary (what training minimises)
+        # and over the label words alone (what accuracy sees); and the probability left for the label words
+        loss_full += float(F.cross_entropy(logits, batch["target"], reduction="sum"))
+        loss_label += float(F.cross_entropy(scores, batch["label"], reduction="sum"))
+        mass += float(logits.softmax(-1)[:, verbal].sum())
+    n = len(examples)
+    return {"accuracy": correct / n, "n": n, "predictions": [task.labels[i] for i in predictions],
+            "loss_full_vocabulary": loss_full / n, "loss_label_words": loss_label / n, "label_word_mass": mass / n}
 
 
 def accuracy_interval(result: dict) -> tuple:
@@ -78,13 +94,75 @@ def verdict(a: dict, b: dict) -> str:
     """"higher", "lower" or "no measurable difference": accuracy ``a`` against ``b`` (each an ``accuracy``
     result or a run's metrics), judged by whether their 95 % intervals overlap. Overlap is a cautious
     test: a real but small difference can hide in it, which is exactly what the words say."""
-    low_a, high_a = accuracy_interval(a)
-    low_b, high_b = accuracy_interval(b)
+    return compare(a, b, "accuracy")
+
+
+# Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (beyond that, the normal 1.96).
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+        2.045, 2.042]
+
+
+def mean_interval(values) -> dict:
+    """Mean of several measurements (seeds, text chunks) with its 95 % t-interval: ``mean``, ``low``, ``high``, ``n``.
+    One value has no spread to measure, so its interval is the value itself."""
+    values = [float(v) for v in values]
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_interval needs at least one value.")
+    mean = sum(values) / n
+    if n == 1:
+        return {"mean": mean, "low": mean, "high": mean, "n": 1}
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = (_T95[n - 2] if n - 1 <= len(_T95) else 1.96) * sd / math.sqrt(n)
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def interval(result: dict, metric: str = "accuracy") -> tuple:
+    """(value, low, high): a measured number with its 95 % interval.
+
+    ``result`` is a run's metrics (or an ``accuracy`` result), or a ``mean_interval`` over seeds.
+    Accuracy: Wilson on the test items. Probes kept (``kept_greedy``, ``kept_logprob``): Wilson on the
+    probes the base knew. ``kl``: the spread over the prose chunks it was measured on.
+    """
+    if "mean" in result:  # already a mean over seeds
+        return result["mean"], result["low"], result["high"]
+    value = result[metric]
+    if metric == "accuracy":
+        low, high = accuracy_interval(result)
+    elif metric in ("kept_greedy", "kept_logprob"):
+        known = result["probes_known_by_base"]
+        low, high = wilson(round(value * known), known)
+    elif metric == "kl" and "kl_low" in result:
+        low, high = result["kl_low"], result["kl_high"]
+    else:
+        raise ValueError(f"No interval is measured for {metric!r}; use accuracy, kept_greedy, kept_logprob or kl.")
+    return value, low, high
+
+
+def compare(a: dict, b: dict, metric: str = "accuracy") -> str:
+    """"higher", "lower" or "no measurable difference": ``metric`` of ``a`` against ``b``, by whether the
+    two 95 % intervals overlap (see ``interval``). Explained in notebook 01, section 3."""
+    _, low_a, high_a = interval(a, metric)
+    _, low_b, high_b = interval(b, metric)
     if low_a > high_b:
         return "higher"
     if high_a < low_b:
         return "lower"
     return "no measurable difference"
+
+
+def drift_sentence(a, b) -> str:
+    """A sentence, from the numbers, on which of two runs moved further from the base model (KL on prose)."""
+    word = compare(a.metrics, b.metrics, "kl")
+    ka, kb = a.metrics["kl"], b.metrics["kl"]
+    if word == "no measurable difference":
+        return f"{a.label} and {b.label} drifted about as far from the base (KL {ka:.4f} vs {kb:.4f}: no measurable difference)."
+    further = word == "higher"
+    more, less = (a, b) if further else (b, a)
+    ratio = more.metrics["kl"] / less.metrics["kl"] if less.metrics["kl"] > 0 else float("inf")
+    return (f"{more.label} drifted further from the base than {less.label}: KL {more.metrics['kl']:.4f} vs "
+            f"{less.metrics['kl']:.4f} ({ratio:.1f}x; the 95 % intervals do not overlap).")
 
 
 # --- forgetting ---------------------------------------------------------------------------------
@@ -137,23 +215,48 @@ def prose_chunks(tokenizer, prose: str, max_tokens: int, chunk: int = 256) -> li
     return [ids[i: i + chunk] for i in range(0, len(ids), chunk) if len(ids[i: i + chunk]) > 1]
 
 
+_BASE_CACHE = {"model": None, "stamp": None, "chunks": {}}
+
+
+def _base_logprobs(base, x):
+    """The frozen base model's log-probabilities on one chunk of prose, computed once per chunk and reused for
+    every run a notebook measures (this halves the cost of each forgetting measurement).
+
+    The cache holds one model, by identity, and is dropped when any of its weights is changed in place
+    (torch counts in-place writes in each tensor's ``_version``)."""
+    stamp = sum(p._version for p in base.parameters())
+    if _BASE_CACHE["model"] is not base or _BASE_CACHE["stamp"] != stamp:
+        _BASE_CACHE.update(model=base, stamp=stamp, chunks={})
+    key = tuple(x[0].tolist())
+    if key not in _BASE_CACHE["chunks"]:
+        _BASE_CACHE["chunks"][key] = base(input_ids=x).logits[0, :-1].float().log_softmax(-1)
+    return _BASE_CACHE["chunks"][key]
+
+
 @torch.no_grad()
 def prose_stats(base, tuned, tokenizer, prose: str, max_tokens: int) -> dict:
-    """Perplexity of both models on ``prose`` and the mean per-token KL(base || tuned)."""
+    """Perplexity of both models on ``prose`` and the mean per-token KL(base || tuned), with its 95 % interval."""
     device = data_mod.device_of(tuned)
     nll_base = nll_tuned = kl = 0.0
     n = 0
+    chunk_kl = []
     for ids in prose_chunks(tokenizer, prose, max_tokens):
         x = torch.tensor([ids], device=device)
         target = x[0, 1:]
         with models.autocast(device):
-            lp_base = base(input_ids=x).logits[0, :-1].float().log_softmax(-1)
+            lp_base = _base_logprobs(base, x)
             lp_tuned = tuned(input_ids=x).logits[0, :-1].float().log_softmax(-1)
         nll_base -= float(lp_base.gather(1, target[:, None]).sum())
         nll_tuned -= float(lp_tuned.gather(1, target[:, None]).sum())
-        kl += float(F.kl_div(lp_tuned, lp_base, log_target=True, reduction="sum"))
+        piece = float(F.kl_div(lp_tuned, lp_base, log_target=True, reduction="sum"))
+        kl += piece
+        chunk_kl.append(piece / len(target))
         n += len(target)
-    return {"ppl_base": math.exp(nll_base / n), "ppl_tuned": math.exp(nll_tuned / n), "kl": kl / n, "prose_tokens": n}
+    # the spread of KL between chunks of different prose gives the interval (a mean over chunks)
+    spread = mean_interval(chunk_kl)
+    half = (spread["high"] - spread["low"]) / 2
+    return {"ppl_base": math.exp(nll_base / n), "ppl_tuned": math.exp(nll_tuned / n), "kl": kl / n,
+            "kl_low": max(0.0, kl / n - half), "kl_high": kl / n + half, "prose_tokens": n}
 
 
 def eval_sizes() -> dict:

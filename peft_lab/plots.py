@@ -23,18 +23,28 @@ def _label(run) -> str:
     return getattr(run, "label", None) or run.method
 
 
-def loss_curves(runs, ax=None, smooth: int = 5):
-    """Training loss against step, one line per run (a running mean over ``smooth`` steps)."""
+def _running_mean(values, k):
+    k = max(1, min(k, len(values)))
+    return [sum(values[max(0, i - k + 1): i + 1]) / len(values[max(0, i - k + 1): i + 1]) for i in range(len(values))]
+
+
+def loss_curves(runs, ax=None, smooth: int = 5, label_words: bool = False):
+    """Training loss against step, one line per run (a running mean over ``smooth`` steps).
+
+    With ``label_words`` each run also gets a dashed line: the loss over the label words alone (a choice
+    among 2 or 6 words, what accuracy sees), beside the loss over the whole 49,152-token vocabulary that
+    training minimises. Explained in notebook 00, section 4.
+    """
     ax = _axes(ax)
     for run in runs if isinstance(runs, (list, tuple)) else [runs]:
-        losses = run.losses
-        k = max(1, min(smooth, len(losses)))
-        mean = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1]) for i in range(len(losses))]
-        ax.plot(range(1, len(losses) + 1), mean, label=_label(run))
+        line, = ax.plot(range(1, len(run.losses) + 1), _running_mean(run.losses, smooth), label=_label(run))
+        if label_words and getattr(run, "label_losses", None):
+            ax.plot(range(1, len(run.label_losses) + 1), _running_mean(run.label_losses, smooth), "--",
+                    color=line.get_color(), label=f"{_label(run)}: label words only")
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (nats)")
     ax.set_title("Loss (running mean)")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves stay visible
+    ax.legend(fontsize=8, loc="upper right", framealpha=0.85)  # the curves fall away from the top right
     return ax
 
 
@@ -59,21 +69,63 @@ def memory_breakdown(runs, ax=None):
     return ax
 
 
-def comparison(runs, title: str = "Methods compared"):
-    """Four panels: trainable parameters, test accuracy, seconds per step, forgetting (KL)."""
+def _interval_dots(ax, runs, metric: str, color: str):
+    """Each run's ``metric`` as a dot with its 95 % interval whisker (see ``measure.interval``)."""
+    lows, highs = [], []
+    for i, run in enumerate(runs):
+        value, low, high = measure.interval(run.metrics, metric)
+        ax.errorbar(i, value, yerr=[[value - low], [high - value]], fmt="o", color=color, capsize=5)
+        lows.append(low)
+        highs.append(high)
+    return lows, highs
+
+
+def _fit_range(ax, lows, highs, floor=None, ceiling=None):
+    """A y range that shows every interval whole and no more (a flat range still gets some height)."""
+    pad = 0.1 * (max(highs) - min(lows)) or 0.01
+    low, high = min(lows) - pad, max(highs) + pad
+    ax.set_ylim(low if floor is None else max(floor, low), high if ceiling is None else min(ceiling, high))
+
+
+def _bars_with_values(ax, values, fmt):
+    bars = ax.bar(range(len(values)), values, color="#4c72b0")
+    for bar, v in zip(bars, values):
+        ax.annotate(fmt(v), (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize=7, xytext=(0, 2), textcoords="offset points")
+    ax.set_ylim(0, 1.15 * max(values))
+
+
+def comparison(runs, title: str = "Methods compared", zero_shot: dict | None = None):
+    """Four panels: trainable share, test accuracy (with 95 % intervals and the zero-shot line), seconds
+    per step, forgetting (KL with its interval). Bars only for amounts, on linear axes, numbers on top."""
     rows = measure.comparison_rows(runs)
     labels = [_label(r) for r in runs]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
-    panels = [("trainable", "trainable parameters (log)", True), ("accuracy", "test accuracy", False),
-              ("s/step", "seconds per step", False), ("KL", "forgetting: KL(base || tuned) per token", False)]
-    for ax, (key, name, log) in zip(axes, panels):
-        ax.bar(range(len(rows)), [r[key] for r in rows], color="#4c72b0")
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    _bars_with_values(axes[0], [r["trainable %"] for r in rows], lambda v: f"{v:.3g} %")
+    axes[0].set_title("trainable parameters, % of the model", fontsize=10)
+    lows, highs = _interval_dots(axes[1], runs, "accuracy", "#1b9e77")
+    if zero_shot is not None:
+        value, low, high = measure.interval(zero_shot, "accuracy")
+        axes[1].axhline(value, color="gray", ls="--")
+        axes[1].axhspan(low, high, color="gray", alpha=0.12)
+        axes[1].annotate(f"zero-shot {value:.1%}", (0.02, value), xycoords=("axes fraction", "data"),
+                         fontsize=7, color="dimgray", xytext=(0, 3), textcoords="offset points")
+        lows.append(low)
+        highs.append(high)
+    _fit_range(axes[1], lows, highs, 0.0, 1.0)
+    axes[1].set_title("test accuracy, 95 % intervals", fontsize=10)
+    _bars_with_values(axes[2], [r["s/step"] for r in rows], lambda v: f"{v:.2f}")
+    axes[2].set_title("seconds per step", fontsize=10)
+    if all("kl_low" in r.metrics for r in runs):
+        lows, highs = _interval_dots(axes[3], runs, "kl", "#d95f02")
+        _fit_range(axes[3], [0.0] + lows, highs, 0.0)
+        axes[3].set_title("forgetting: KL(base || tuned), 95 % intervals", fontsize=10)
+    else:  # runs logged before intervals were measured
+        _bars_with_values(axes[3], [r["KL"] for r in rows], lambda v: f"{v:.4f}")
+        axes[3].set_title("forgetting: KL(base || tuned) per token", fontsize=10)
+    for ax in axes:
         ax.set_xticks(range(len(rows)), labels, rotation=25, ha="right", fontsize=8)
-        ax.set_title(name, fontsize=10)
-        if log:
-            ax.set_yscale("log")
-        if key == "accuracy":
-            ax.set_ylim(0, 1)
+        ax.set_xlim(-0.6, len(rows) - 0.4)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -92,15 +144,37 @@ def scatter(runs, x: str, y: str, ax=None, annotate: bool = True):
     return ax
 
 
-def sweep(values, results: dict, xlabel: str, ax=None, logx: bool = False):
-    """Lines of several measured quantities against one swept setting (rank, prefix length ...)."""
+def sweep(values, results: dict, xlabel: str, ax=None, logx: bool = False, zero_shot: dict | None = None):
+    """Lines of measured quantities against one swept setting (rank, prefix length ...).
+
+    ``results`` maps a name to a list of numbers, or to a list of (value, low, high) triples, drawn with
+    95 % interval whiskers (``measure.interval`` gives them). ``zero_shot`` adds the untrained model's line.
+    """
     ax = _axes(ax)
+    lows, highs = [], []
     for name, ys in results.items():
-        ax.plot(values, ys, "o-", label=name)
+        if ys and isinstance(ys[0], (tuple, list)):
+            mid = [y[0] for y in ys]
+            ax.errorbar(values, mid, yerr=[[m - y[1] for m, y in zip(mid, ys)], [y[2] - m for m, y in zip(mid, ys)]],
+                        fmt="o-", capsize=4, label=name)
+            lows += [y[1] for y in ys]
+            highs += [y[2] for y in ys]
+        else:
+            ax.plot(values, ys, "o-", label=name)
+            lows += list(ys)
+            highs += list(ys)
+    if zero_shot is not None:
+        value, low, high = measure.interval(zero_shot, "accuracy")
+        ax.axhline(value, color="gray", ls="--", label=f"zero-shot {value:.1%}")
+        ax.axhspan(low, high, color="gray", alpha=0.12)
+        lows.append(low)
+        highs.append(high)
+    _fit_range(ax, lows, highs)
     ax.set_xlabel(xlabel)
     if logx:
         ax.set_xscale("log", base=2)
-    ax.legend(fontsize=8)
+    ax.set_xticks(values, [str(v) for v in values])
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax
 
 
@@ -149,7 +223,7 @@ def prefix_attention(weights, num_virtual_tokens: int, tokens=None, share_by_lay
     axes[1].set_xlabel("share of attention on the prefix")
     axes[1].set_title(f"mean over tokens: {float(share.mean()):.0%}", fontsize=10)
     if tokens is not None:
-        labels = [repr(t)[1:-1] for t in tokens][:T]
+        labels = [repr(t)[1:-1] for t in tokens][:T]  # pass decoded text (tokenizer.decode per id), not BPE pieces
         for ax in axes[:2]:
             ax.set_yticks(range(len(labels)), labels, fontsize=7)
     if share_by_layer is not None:

@@ -37,6 +37,7 @@ class RunRecord:
     trainable_params: int
     total_params: int
     losses: list = field(default_factory=list)
+    label_losses: list = field(default_factory=list)  # the loss over the label words only (see train.fit)
     step_seconds: list = field(default_factory=list)
     tokens_per_step: list = field(default_factory=list)
     memory: dict = field(default_factory=dict)

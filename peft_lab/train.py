@@ -41,6 +41,13 @@ def label_logits(tuned, batch: dict) -> torch.Tensor:
     return logits[rows, batch["last"]]
 
 
+def text_loss(tuned, batch: dict) -> torch.Tensor:
+    """Cross-entropy of every next token of the texts (a text task: new knowledge), padding not scored."""
+    logits = tuned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=-100)
+
+
 def loss_on(tuned, batch: dict) -> torch.Tensor:
     """Cross-entropy of the verbalizer token: the one objective every method trains."""
     return F.cross_entropy(label_logits(tuned, batch).float(), batch["target"])
@@ -191,6 +198,7 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
                                   fused=device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
+    label_words = None if task.is_text else torch.tensor(data_mod.verbalizer_ids(task, tokenizer), device=device)
     stream = data_mod.endless_batches(task.train, task, tokenizer, batch_size, max_length, seed)
     measure_at = min(1, steps - 1)  # the memory breakdown is taken in the first step after warm-up
     tuned.train()
@@ -202,7 +210,14 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
                 started = time.perf_counter()
                 counting = count_saved_activations(unique, dtype) if step == measure_at else contextlib.nullcontext({})
                 with counting as saved, models.autocast(device):
-                    loss = loss_on(tuned, batch)
+                    if task.is_text:
+                        loss = text_loss(tuned, batch)
+                    else:
+                        logits = label_logits(tuned, batch).float()
+                        loss = F.cross_entropy(logits, batch["target"])  # loss_on, keeping the logits
+                if not task.is_text:
+                    with torch.no_grad():  # the same logits judged over the label words alone: what accuracy sees
+                        record.label_losses.append(F.cross_entropy(logits[:, label_words], batch["label"]).item())
                 if not torch.isfinite(loss):
                     raise FloatingPointError(_non_finite_message(loss, step, lr, dtype))
                 scaler.scale(loss).backward()

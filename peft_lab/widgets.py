@@ -91,7 +91,8 @@ class ExperimentPanel:
             self._base_scores = measure.score_probes(self.base, self.tokenizer, measure.probe_set())
         measure.evaluate_run(run, self.base, tuned, self.tokenizer, self.task, base_scores=self._base_scores)
         self.runs.append(run)
-        self.status.value = (f"done: accuracy {run.metrics['accuracy']:.1%}, "
+        low, high = measure.accuracy_interval(run.metrics)
+        self.status.value = (f"done: accuracy {run.metrics['accuracy']:.1%} [{low:.1%}, {high:.1%}], "
                              f"{run.seconds_per_step:.2f} s/step, KL {run.metrics['kl']:.4f}")
         self.show_results()
         return run
@@ -101,7 +102,7 @@ class ExperimentPanel:
 
         with self.results:
             clear_output(wait=True)
-            display(pd.DataFrame(measure.comparison_rows(self.runs)).round(4))
+            display(pd.DataFrame(measure.comparison_rows(self.runs), index=[r.label for r in self.runs]).round(4))
             fig = plots.comparison(self.runs, title="All runs of this panel")
             display(fig)
             plt.close(fig)

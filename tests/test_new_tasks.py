@@ -3,6 +3,7 @@ import re
 from collections import Counter
 
 import pytest
+import torch
 
 from peft_lab import data
 
@@ -120,3 +121,56 @@ def test_fact_questions_can_be_scored_like_probes(tiny_llama, tokenizer, facts):
     scores = measure.score_probes(tiny_llama, tokenizer, questions)
     assert len(scores) == len(questions)
     assert all(set(s) == {"greedy_right", "logprob"} for s in scores)
+
+
+def test_the_reviews_are_large_enough_for_intervals_of_about_2_5_points():
+    reviews = data.load_task("reviews")
+    assert len(reviews.train) + len(reviews.val) + len(reviews.test) >= 2000
+    assert len(reviews.test) >= 600 and len(reviews.val) >= 200
+    for name in ("train", "val", "test"):
+        counts = Counter(label for _, label in getattr(reviews, name))
+        assert abs(counts["positive"] - counts["negative"]) <= 2, f"{name}: {counts}"
+    texts = [r["text"] for r in _review_rows()]
+    assert len(texts) == len(set(texts)), "a review appears twice"
+
+
+def test_the_fictional_world_has_at_least_300_facts_with_held_out_questions():
+    facts = data.load_facts()
+    assert len(facts) >= 300
+    assert all(len(f["questions"]) >= 2 for f in facts)
+    assert all(f["answer"] not in q for f in facts for q in f["questions"]), "a question gives its answer away"
+
+
+# --- the facts as a task: learn sentences, answer held-out questions ----------------------------------
+
+def test_fact_task_trains_on_sentences_and_tests_on_questions():
+    facts = data.load_facts()[:5]
+    task = data.fact_task(facts)
+    assert task.is_text and not data.load_task("reviews").is_text
+    assert [t for t, _ in task.train] == data.fact_training_texts(facts)
+    assert task.test == data.fact_questions(facts)
+    with pytest.raises(ValueError, match="at least one fact"):
+        data.fact_task([])
+
+
+def test_text_batches_score_every_real_token_and_no_padding(tokenizer):
+    task = data.fact_task(data.load_facts()[:3])
+    batch = data.encode(task.train, task, tokenizer)
+    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    real = batch["attention_mask"] == 1
+    assert torch.equal(batch["labels"][real], batch["input_ids"][real])
+    assert (batch["labels"][~real] == -100).all()
+
+
+def test_fit_learns_a_text_task_and_accuracy_reads_its_questions(tiny_llama, tokenizer, tmp_path, monkeypatch):
+    from peft_lab import freeze, measure, models, train
+    monkeypatch.setenv("PEFT_LAB_RUNLOG", str(tmp_path / "runs.jsonl"))
+    task = data.fact_task(data.load_facts()[:4])
+    tuned = freeze.apply(models.fresh_copy(tiny_llama), "full", verbose=False)
+    run = train.fit(tuned, tokenizer, task, steps=12, lr=1e-2, batch_size=4, progress=False)
+    assert sum(run.losses[-3:]) < sum(run.losses[:3])
+    assert run.label_losses == []  # no label words in a text task
+    result = measure.accuracy(tuned, tokenizer, task, "test")
+    assert result["n"] == len(task.test) and 0 <= result["accuracy"] <= 1
+    with pytest.raises(ValueError, match="no 'val' examples"):
+        measure.accuracy(tuned, tokenizer, task, "val")

@@ -146,3 +146,75 @@ def test_lr_scale_gives_lora_b_its_own_learning_rate(tiny_llama, tokenizer, task
     assert sorted(g["lr"] for g in groups) == [1e-3, 16e-3]
     with pytest.raises(ValueError, match="no trainable parameter"):
         train._param_groups(tuned, train.trainable_parameters(tuned), 1e-3, {"lora_C": 2})
+
+
+def test_compare_reads_kl_and_probe_intervals_the_right_way_round():
+    def kl(value, low, high):
+        return {"kl": value, "kl_low": low, "kl_high": high}
+    assert measure.compare(kl(0.09, 0.07, 0.11), kl(0.005, 0.004, 0.006), "kl") == "higher"
+    assert measure.compare(kl(0.005, 0.004, 0.006), kl(0.09, 0.07, 0.11), "kl") == "lower"
+    assert measure.compare(kl(0.010, 0.006, 0.014), kl(0.012, 0.009, 0.015), "kl") == "no measurable difference"
+    kept = lambda share: {"kept_greedy": share, "probes_known_by_base": 132}
+    assert measure.compare(kept(0.99), kept(0.80), "kept_greedy") == "higher"
+    assert measure.compare(kept(0.99), kept(0.97), "kept_greedy") == "no measurable difference"
+    with pytest.raises(ValueError, match="No interval"):
+        measure.compare({"ppl_tuned": 17.0}, {"ppl_tuned": 18.0}, "ppl_tuned")
+
+
+def test_mean_interval_over_seeds_and_its_verdict():
+    seeds = measure.mean_interval([0.90, 0.92, 0.91])
+    assert seeds["n"] == 3 and seeds["low"] < 0.91 < seeds["high"]
+    # t with 2 degrees of freedom (4.303), not the normal 1.96: three seeds give a wide interval
+    assert seeds["high"] - seeds["mean"] == pytest.approx(4.303 * 0.01 / math.sqrt(3))
+    assert measure.mean_interval([0.5])["low"] == measure.mean_interval([0.5])["high"] == 0.5
+    far = measure.mean_interval([0.70, 0.71, 0.72])
+    assert measure.compare(seeds, far) == "higher" and measure.compare(far, seeds) == "lower"
+    assert measure.compare(seeds, measure.mean_interval([0.89, 0.93, 0.91])) == "no measurable difference"
+    with pytest.raises(ValueError):
+        measure.mean_interval([])
+
+
+def test_drift_sentence_names_the_run_that_moved_further(tiny_llama, tokenizer, task):
+    a = train.fit(freeze.apply(models.fresh_copy(tiny_llama), "full", verbose=False), tokenizer, task,
+                  steps=1, batch_size=4, progress=False, log=False, label="hot")
+    b = train.fit(freeze.apply(models.fresh_copy(tiny_llama), "full", verbose=False), tokenizer, task,
+                  steps=1, batch_size=4, progress=False, log=False, label="careful")
+    a.metrics = {"kl": 0.09, "kl_low": 0.07, "kl_high": 0.11}
+    b.metrics = {"kl": 0.005, "kl_low": 0.004, "kl_high": 0.006}
+    assert measure.drift_sentence(a, b).startswith("hot drifted further from the base than careful")
+    assert measure.drift_sentence(b, a).startswith("hot drifted further from the base than careful")
+    b.metrics = {"kl": 0.08, "kl_low": 0.06, "kl_high": 0.10}
+    assert "no measurable difference" in measure.drift_sentence(a, b)
+
+
+def test_forgetting_reports_a_kl_interval_that_contains_the_kl(tiny_llama, tokenizer):
+    tuned = models.fresh_copy(tiny_llama)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    stats = measure.prose_stats(tiny_llama, tuned, tokenizer, data.load_prose(), 1024)
+    assert 0 <= stats["kl_low"] <= stats["kl"] <= stats["kl_high"]
+    assert stats["kl_high"] > stats["kl_low"]  # several chunks of prose: a spread to measure
+
+
+def test_fit_records_the_label_word_loss_beside_the_full_loss(tiny_llama, tokenizer, task):
+    run = train.fit(freeze.apply(models.fresh_copy(tiny_llama), "full", verbose=False), tokenizer, task,
+                    steps=4, batch_size=4, progress=False, log=False)
+    assert len(run.label_losses) == len(run.losses) == 4
+    # two label words compete in one, the whole vocabulary in the other: the label-word loss is smaller
+    assert all(lw <= full + 1e-6 for lw, full in zip(run.label_losses, run.losses))
+    result = measure.accuracy(tiny_llama, tokenizer, task, "test")
+    assert result["loss_label_words"] <= result["loss_full_vocabulary"]
+    assert 0 < result["label_word_mass"] <= 1
+
+
+def test_the_base_logprob_cache_notices_a_changed_base(tiny_llama, tokenizer):
+    base = models.fresh_copy(tiny_llama)
+    prose = data.load_prose()
+    first = measure.prose_stats(base, tiny_llama, tokenizer, prose, 512)
+    assert first["kl"] == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        next(base.parameters()).add_(0.5)  # an in-place change: the cached log-probabilities must not be reused
+    again = measure.prose_stats(base, tiny_llama, tokenizer, prose, 512)
+    fresh = measure.prose_stats(models.fresh_copy(base), tiny_llama, tokenizer, prose, 512)
+    assert again["kl"] == pytest.approx(fresh["kl"]) and again["kl"] > 1e-4
