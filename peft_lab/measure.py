@@ -152,6 +152,12 @@ def compare(a: dict, b: dict, metric: str = "accuracy") -> str:
     return "no measurable difference"
 
 
+def versus(a: dict, b: dict, name: str, metric: str = "accuracy") -> str:
+    """``compare`` as words to print: "higher than <name>", "lower than <name>" or "no measurable difference from <name>"."""
+    word = compare(a, b, metric)
+    return f"{word} from {name}" if word == "no measurable difference" else f"{word} than {name}"
+
+
 def drift_sentence(a, b) -> str:
     """A sentence, from the numbers, on which of two runs moved further from the base model (KL on prose)."""
     word = compare(a.metrics, b.metrics, "kl")

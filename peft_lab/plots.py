@@ -108,12 +108,11 @@ def comparison(runs, title: str = "Methods compared", zero_shot: dict | None = N
         value, low, high = measure.interval(zero_shot, "accuracy")
         axes[1].axhline(value, color="gray", ls="--")
         axes[1].axhspan(low, high, color="gray", alpha=0.12)
-        axes[1].annotate(f"zero-shot {value:.1%}", (0.02, value), xycoords=("axes fraction", "data"),
-                         fontsize=7, color="dimgray", xytext=(0, 3), textcoords="offset points")
         lows.append(low)
         highs.append(high)
     _fit_range(axes[1], lows, highs, 0.0, 1.0)
-    axes[1].set_title("test accuracy, 95 % intervals", fontsize=10)
+    axes[1].set_title("test accuracy, 95 % intervals" + (f"\n(dashed: zero-shot {zero_shot['accuracy']:.1%})"
+                                                         if zero_shot is not None else ""), fontsize=10)
     _bars_with_values(axes[2], [r["s/step"] for r in rows], lambda v: f"{v:.2f}")
     axes[2].set_title("seconds per step", fontsize=10)
     if all("kl_low" in r.metrics for r in runs):
@@ -171,6 +170,8 @@ def sweep(values, results: dict, xlabel: str, ax=None, logx: bool = False, zero_
         highs.append(high)
     _fit_range(ax, lows, highs)
     ax.set_xlabel(xlabel)
+    if len(results) == 1:
+        ax.set_ylabel(next(iter(results)))
     if logx:
         ax.set_xscale("log", base=2)
     ax.set_xticks(values, [str(v) for v in values])

@@ -218,3 +218,10 @@ def test_the_base_logprob_cache_notices_a_changed_base(tiny_llama, tokenizer):
     again = measure.prose_stats(base, tiny_llama, tokenizer, prose, 512)
     fresh = measure.prose_stats(models.fresh_copy(base), tiny_llama, tokenizer, prose, 512)
     assert again["kl"] == pytest.approx(fresh["kl"]) and again["kl"] > 1e-4
+
+
+def test_versus_reads_as_a_sentence():
+    hi, lo = {"accuracy": 0.9, "n": 600}, {"accuracy": 0.5, "n": 600}
+    assert measure.versus(hi, lo, "zero-shot") == "higher than zero-shot"
+    assert measure.versus(lo, hi, "zero-shot") == "lower than zero-shot"
+    assert measure.versus(hi, hi, "before") == "no measurable difference from before"
