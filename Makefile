@@ -43,8 +43,9 @@ unit: $(STAMP)
 	PEFT_LAB_QUICK=1 PEFT_LAB_RUNLOG=$(abspath $(BUILD))/test-runs.jsonl HF_HUB_OFFLINE=1 \
 		$(PY) -m pytest tests -p no:cacheprovider -q
 
+# JupyterLab refuses to start as root (containers, workshop VMs) unless told it may
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 clean:
 	rm -rf $(BUILD)
