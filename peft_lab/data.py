@@ -193,6 +193,30 @@ def load_task(name: str = "reviews", source=None) -> Task:
     return loaders[name]()
 
 
+def subset(task: Task, n: int, seed: int = 0) -> Task:
+    """``task`` with only ``n`` training examples, drawn with the same share of every label (a low-data
+    task); validation and test stay whole, so results on different sizes are compared on the same items."""
+    if n < 1:
+        raise ValueError(f"A training set needs at least one example, got n={n}.")
+    if n >= len(task.train):
+        return task
+    rng = random.Random(seed)
+    by_label = {}
+    for example in task.train:
+        by_label.setdefault(example[1], []).append(example)
+    for examples in by_label.values():
+        rng.shuffle(examples)
+    # deal the labels round-robin, so every label gets its share (and every label appears once n >= #labels)
+    picked, rounds = [], max(len(v) for v in by_label.values())
+    for i in range(rounds):
+        for label in sorted(by_label, key=str):
+            if i < len(by_label[label]) and len(picked) < n:
+                picked.append(by_label[label][i])
+    rng.shuffle(picked)
+    return Task(f"{task.name}, {n} train", picked, task.val, task.test, task.verbalizer, task.template,
+                task.max_chars, dict(task.extra))
+
+
 # --- forgetting material ------------------------------------------------------------------------
 
 def load_probes() -> list:

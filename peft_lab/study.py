@@ -1,0 +1,173 @@
+"""Studies: a grid of training runs — recipe x learning rate x seed x training-set size — each trained, measured
+and logged once, and summarised as means over seeds with 95 % intervals.
+
+A study is resumable: every finished run is in the run log, so running the same grid again trains only what is
+missing (an interrupted study picks up where it stopped, a finished one returns at once). From the command line::
+
+    python -m peft_lab.study --task reviews --recipes lora-qv full --lrs 1e-4 3e-4 --seeds 0 1 2 --steps 30
+    python -m peft_lab.study ... --dry-run      # list what would be trained, and what is already in the log
+
+Runs are logged with the method word ``study:<recipe>``, so they never stand in for a notebook's baselines.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import data as data_mod
+from . import measure, models, runlog, train
+from .methods import freeze, lora, prefix, prompt
+
+# Instructions for the text starts of prefix and prompt tuning, per task (a text fits whole: P = its length)
+INSTRUCTIONS = {
+    "reviews": "Decide whether the following customer review is positive or negative.",
+    "review_domain": "Decide whether the following review is about a film, product, restaurant, app, book or travel.",
+}
+
+
+def _virtual_tokens(apply, base, tok, task_name, **settings):
+    """A prefix or prompt that starts from the task's instruction (one slot per token), or from random
+    vocabulary words / random values for a task without one."""
+    text = INSTRUCTIONS.get(task_name.split(",")[0])
+    if text is None:
+        return apply(base, 16, **settings)
+    return apply(base, len(tok(text, add_special_tokens=False).input_ids), init="text", init_text=text,
+                 tokenizer=tok, **settings)
+
+
+# recipe -> how to build the model it trains from the frozen base (always a copy or a wrapper: base never changes)
+RECIPES = {
+    "full": lambda base, tok, task: freeze.apply(models.fresh_copy(base), "full", verbose=False),
+    "last-2-blocks": lambda base, tok, task: freeze.apply(models.fresh_copy(base), "last_n", n=2, verbose=False),
+    "lora-qv": lambda base, tok, task: lora.apply(models.frozen_copy(base), rank=8, alpha=16, targets=["q_proj", "v_proj"]),
+    "lora-all": lambda base, tok, task: lora.apply(models.frozen_copy(base), rank=8, alpha=16, targets="all-linear"),
+    "prefix": lambda base, tok, task: _virtual_tokens(prefix.apply, models.frozen_copy(base), tok, task),
+    "prompt": lambda base, tok, task: _virtual_tokens(prompt.apply, base, tok, task),
+}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of a study."""
+    recipe: str
+    lr: float
+    seed: int
+    train_size: int | None  # None: the whole training set
+    steps: int
+
+    @property
+    def method(self) -> str:
+        return f"study:{self.recipe}"
+
+
+def grid(recipes, lrs, seeds=(0, 1, 2), train_sizes=(None,), steps: int = 30) -> list:
+    """Every combination, as ``Point``s. ``lrs`` is a list for all recipes, or a dict recipe -> list (each
+    method needs its own range: full fine-tuning around 1e-5..1e-4, LoRA 1e-4..1e-3, prompts 1e-2..1e-1)."""
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        raise ValueError(f"Unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}.")
+    points = []
+    for recipe in recipes:
+        rates = lrs[recipe] if isinstance(lrs, dict) else lrs
+        for lr, seed, size in itertools.product(rates, seeds, train_sizes):
+            points.append(Point(recipe, float(lr), int(seed), size, int(steps)))
+    return points
+
+
+def _task_for(task, point):
+    return task if point.train_size is None else data_mod.subset(task, point.train_size, seed=point.seed)
+
+
+def logged(point: Point, task, model_name: str | None):
+    """The finished, measured run of ``point`` in the run log, or None."""
+    run = runlog.latest_run(point.method, _task_for(task, point).name, lr=point.lr, seed=point.seed,
+                            steps=point.steps, model=model_name)
+    return run if run is not None and "accuracy" in run.metrics else None
+
+
+def run(points, base, tokenizer, task, base_scores=None, progress: bool = True) -> list:
+    """Train and measure every point not yet in the run log; return the runs of all points (logged or new).
+
+    Interrupting (Ctrl-C, or Kernel > Interrupt) stops after the current run's partial steps are dropped;
+    run the same call again to go on.
+    """
+    model_name = getattr(base, "peft_lab_name", None)
+    done = {p: logged(p, task, model_name) for p in points}
+    todo = [p for p in points if done[p] is None]
+    print(f"study: {len(points)} runs, {len(points) - len(todo)} already in the run log, {len(todo)} to train")
+    if todo and base_scores is None:
+        base_scores = measure.score_probes(base, tokenizer, measure.probe_set())
+    started = time.perf_counter()
+    for i, point in enumerate(todo):
+        if progress and i:
+            left = (time.perf_counter() - started) / i * (len(todo) - i)
+            print(f"  [{i}/{len(todo)}] about {left / 60:.1f} min left")
+        point_task = _task_for(task, point)
+        torch.manual_seed(point.seed)  # the method's own random start (LoRA's A, random prompts) follows the seed
+        tuned = RECIPES[point.recipe](base, tokenizer, task.name)
+        record = train.fit(tuned, tokenizer, point_task, steps=point.steps, lr=point.lr, seed=point.seed,
+                           method=point.method, progress=progress, log=False,
+                           label=f"{point.recipe}, lr {runlog.short_number(point.lr)}, seed {point.seed}"
+                                 + (f", {point.train_size} train" if point.train_size else ""))
+        if "interrupted_after_steps" in record.config:
+            print(f"study stopped after {i} of {len(todo)} new runs; run it again to go on.")
+            break
+        measure.evaluate_run(record, base, tuned, tokenizer, point_task, base_scores=base_scores)  # logs it
+        if point_task.val:
+            record.metrics["val_accuracy"] = measure.accuracy(tuned, tokenizer, point_task, "val")["accuracy"]
+            runlog.save_run(record)
+        done[point] = record
+        del tuned
+    if progress and todo:
+        print(f"study: trained {sum(done[p] is not None for p in todo)} runs in {(time.perf_counter() - started) / 60:.1f} min")
+    return [done[p] for p in points if done[p] is not None]
+
+
+def summarize(runs, metrics=("accuracy", "kl", "kept_greedy")) -> list:
+    """One row per recipe, learning rate and training-set size: each metric's mean over the seeds with its
+    95 % interval (``measure.mean_interval``), and the number of seeds."""
+    groups = {}
+    for r in runs:
+        key = (r.method.removeprefix("study:"), r.config["lr"], r.task)
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for (recipe, lr, task_name), members in groups.items():
+        row = {"recipe": recipe, "lr": lr, "task": task_name, "seeds": len(members)}
+        for m in metrics:
+            values = [r.metrics[m] for r in members if m in r.metrics]
+            if values:
+                row[m] = measure.mean_interval(values)
+        rows.append(row)
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Run (or resume) a grid of training runs; see peft_lab/study.py.")
+    parser.add_argument("--task", default="reviews")
+    parser.add_argument("--recipes", nargs="+", default=["lora-qv"], choices=sorted(RECIPES))
+    parser.add_argument("--lrs", nargs="+", type=float, required=True)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--train-sizes", nargs="+", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--dry-run", action="store_true", help="list the runs and which are logged; train nothing")
+    args = parser.parse_args(argv)
+    points = grid(args.recipes, args.lrs, args.seeds, args.train_sizes or (None,), args.steps)
+    base, tok = models.load()
+    task = data_mod.load_task(args.task)
+    if args.dry_run:
+        for p in points:
+            print(("logged " if logged(p, task, getattr(base, "peft_lab_name", None)) else "to run ") + str(p))
+        return
+    runs = run(points, base, tok, task)
+    for row in summarize(runs):
+        acc = row.get("accuracy")
+        print(f"{row['recipe']:>14} lr {runlog.short_number(row['lr']):>6} {row['task']}: "
+              f"accuracy {acc['mean']:.1%} [{acc['low']:.1%}, {acc['high']:.1%}] over {row['seeds']} seeds")
+
+
+if __name__ == "__main__":
+    main()

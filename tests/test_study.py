@@ -1,0 +1,101 @@
+"""The study runner: a grid of runs, each trained once, resumable from the run log, summarised over seeds."""
+from collections import Counter
+
+import pytest
+
+from peft_lab import data, runlog, study, train
+
+POSITIVE = ["the film was great", "i loved this movie", "really good food", "the app is great", "very good book"]
+NEGATIVE = ["the film was bad", "i hated this movie", "really terrible food", "the app is bad", "not good hotel"]
+
+
+@pytest.fixture
+def task():
+    pairs = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
+    return data.Task("tiny", pairs * 2, pairs[:4], pairs, data.VERBALIZER_SENTIMENT, data.REVIEW_TEMPLATE)
+
+
+@pytest.fixture(autouse=True)
+def run_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFT_LAB_RUNLOG", str(tmp_path / "runs.jsonl"))
+
+
+@pytest.fixture
+def count_fits(monkeypatch):
+    calls = Counter()
+    real = train.fit
+
+    def counting(*args, **kwargs):
+        calls[kwargs["method"]] += 1
+        return real(*args, **kwargs)
+    monkeypatch.setattr(study.train, "fit", counting)
+    return calls
+
+
+def test_grid_is_every_combination_with_its_own_learning_rates():
+    points = study.grid(["full", "lora-qv"], {"full": [1e-5, 1e-4], "lora-qv": [1e-3]}, seeds=[0, 1], steps=5)
+    assert len(points) == 2 * 2 + 1 * 2
+    assert {p.lr for p in points if p.recipe == "full"} == {1e-5, 1e-4}
+    with pytest.raises(ValueError, match="Unknown recipe"):
+        study.grid(["dora-magic"], [1e-3])
+
+
+def test_a_study_trains_each_point_once_and_resumes_from_the_log(tiny_llama, tokenizer, task, count_fits):
+    points = study.grid(["lora-qv"], [1e-2], seeds=[0, 1], steps=2)
+    first = study.run(points, tiny_llama, tokenizer, task, progress=False)
+    assert count_fits["study:lora-qv"] == 2 and len(first) == 2
+    assert {r.config["seed"] for r in first} == {0, 1}
+    again = study.run(points, tiny_llama, tokenizer, task, progress=False)
+    assert count_fits["study:lora-qv"] == 2, "a logged point was trained again"
+    assert [r.run_id for r in again] == [r.run_id for r in first]
+    bigger = study.grid(["lora-qv"], [1e-2], seeds=[0, 1, 2], steps=2)
+    study.run(bigger, tiny_llama, tokenizer, task, progress=False)
+    assert count_fits["study:lora-qv"] == 3, "only the new seed should train"
+    assert all("val_accuracy" in r.metrics for r in runlog.load_runs("study:lora-qv"))
+
+
+def test_an_interrupted_run_is_not_logged_and_the_study_goes_on_next_time(tiny_llama, tokenizer, task, monkeypatch):
+    real = train.fit
+    state = {"interrupt": True}
+
+    def flaky(*args, **kwargs):
+        if state["interrupt"]:
+            state["interrupt"] = False
+            kwargs["on_step"] = lambda record: (_ for _ in ()).throw(KeyboardInterrupt)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(study.train, "fit", flaky)
+    points = study.grid(["lora-qv"], [1e-2], seeds=[0, 1], steps=3)
+    assert study.run(points, tiny_llama, tokenizer, task, progress=False) == []
+    assert runlog.load_runs("study:lora-qv") == []
+    assert len(study.run(points, tiny_llama, tokenizer, task, progress=False)) == 2
+
+
+def test_low_data_points_train_on_a_balanced_subset_and_test_on_everything(tiny_llama, tokenizer, task):
+    points = study.grid(["lora-qv"], [1e-2], seeds=[0], train_sizes=[4], steps=1)
+    (run,) = study.run(points, tiny_llama, tokenizer, task, progress=False)
+    assert run.task == "tiny, 4 train" and run.metrics["test_n"] == len(task.test)
+    small = data.subset(task, 4, seed=0)
+    assert Counter(label for _, label in small.train) == {"positive": 2, "negative": 2}
+    assert small.test == task.test and data.subset(task, 100) is task
+    with pytest.raises(ValueError):
+        data.subset(task, 0)
+
+
+def test_summary_gives_a_mean_and_interval_over_seeds(tiny_llama, tokenizer, task):
+    runs = study.run(study.grid(["lora-qv"], [1e-2], seeds=[0, 1, 2], steps=1), tiny_llama, tokenizer, task,
+                     progress=False)
+    (row,) = study.summarize(runs)
+    assert row["seeds"] == 3 and row["recipe"] == "lora-qv"
+    acc = row["accuracy"]
+    assert acc["n"] == 3 and acc["low"] <= acc["mean"] <= acc["high"]
+    assert acc["mean"] == pytest.approx(sum(r.metrics["accuracy"] for r in runs) / 3)
+
+
+def test_command_line_dry_run_lists_the_grid_and_trains_nothing(tiny_llama, tokenizer, task, monkeypatch, capsys,
+                                                                 count_fits):
+    monkeypatch.setattr(study.models, "load", lambda *a, **k: (tiny_llama, tokenizer))
+    monkeypatch.setattr(study.data_mod, "load_task", lambda name: task)
+    study.main(["--recipes", "lora-qv", "full", "--lrs", "1e-3", "--seeds", "0", "1", "--steps", "2", "--dry-run"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.startswith("to run ") for line in lines)
+    assert sum(count_fits.values()) == 0
