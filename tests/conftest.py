@@ -95,3 +95,21 @@ def panel_env(tmp_path, monkeypatch):
     monkeypatch.setenv("PEFT_LAB_QUICK", "1")
     monkeypatch.setattr(data, "load_probes", lambda: [{"prompt": "the capital of france is", "answer": "paris", "topic": "t"}] * 5)
     monkeypatch.setattr(data, "load_prose", lambda source=None: "the film was great and the food was bad . " * 10)
+
+
+# A tiny sentiment task in the tiny tokenizer's words, for the training and study tests
+POSITIVE = ["the film was great", "i loved this movie", "really good food", "the app is great", "very good book"]
+NEGATIVE = ["the film was bad", "i hated this movie", "really terrible food", "the app is bad", "not good hotel"]
+
+
+@pytest.fixture
+def task():
+    from peft_lab import data
+    pairs = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
+    return data.Task("tiny", pairs * 2, pairs[:4], pairs, data.VERBALIZER_SENTIMENT, data.REVIEW_TEMPLATE)
+
+
+@pytest.fixture
+def isolated_run_log(tmp_path, monkeypatch):
+    """A run log of the test's own, so tests never see each other's runs (or a user's)."""
+    monkeypatch.setenv("PEFT_LAB_RUNLOG", str(tmp_path / "runs.jsonl"))

@@ -5,19 +5,7 @@ import pytest
 
 from peft_lab import data, runlog, study, train
 
-POSITIVE = ["the film was great", "i loved this movie", "really good food", "the app is great", "very good book"]
-NEGATIVE = ["the film was bad", "i hated this movie", "really terrible food", "the app is bad", "not good hotel"]
-
-
-@pytest.fixture
-def task():
-    pairs = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
-    return data.Task("tiny", pairs * 2, pairs[:4], pairs, data.VERBALIZER_SENTIMENT, data.REVIEW_TEMPLATE)
-
-
-@pytest.fixture(autouse=True)
-def run_log(tmp_path, monkeypatch):
-    monkeypatch.setenv("PEFT_LAB_RUNLOG", str(tmp_path / "runs.jsonl"))
+pytestmark = pytest.mark.usefixtures("isolated_run_log")  # `task` and the run log come from conftest.py
 
 
 @pytest.fixture

@@ -6,19 +6,7 @@ import torch
 
 from peft_lab import data, freeze, lora, measure, models, train
 
-POSITIVE = ["the film was great", "i loved this movie", "really good food", "the app is great", "very good book"]
-NEGATIVE = ["the film was bad", "i hated this movie", "really terrible food", "the app is bad", "not good hotel"]
-
-
-@pytest.fixture
-def task():
-    pairs = [(t, "positive") for t in POSITIVE] + [(t, "negative") for t in NEGATIVE]
-    return data.Task("tiny", pairs * 2, pairs[:4], pairs, data.VERBALIZER_SENTIMENT, data.REVIEW_TEMPLATE)
-
-
-@pytest.fixture(autouse=True)
-def run_log(tmp_path, monkeypatch):
-    monkeypatch.setenv("PEFT_LAB_RUNLOG", str(tmp_path / "runs.jsonl"))
+pytestmark = pytest.mark.usefixtures("isolated_run_log")  # `task` and the run log come from conftest.py
 
 
 def test_fit_lowers_the_loss_and_is_reproducible(tiny_llama, tokenizer, task):
