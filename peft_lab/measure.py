@@ -276,12 +276,14 @@ def probe_set() -> list:
     return probes[::5] if data_mod.quick_mode() else probes
 
 
-def forgetting(base, tuned, tokenizer, probes=None, prose: str | None = None, base_scores=None) -> dict:
+def forgetting(base, tuned, tokenizer, probes=None, prose: str | None = None, base_scores=None,
+               prose_tokens: int | None = None) -> dict:
     """How much of what ``base`` knew ``tuned`` still knows. Explained in notebook 01, "Forgetting".
 
     ``base_scores`` (from ``score_probes(base, ...)``) can be passed to avoid scoring the base twice.
+    ``prose_tokens`` measures the KL on less prose than ``eval_sizes`` gives (a grid of many runs).
     """
-    sizes = eval_sizes()
+    sizes = eval_sizes() | ({"prose_tokens": prose_tokens} if prose_tokens else {})
     probes = probes if probes is not None else probe_set()
     prose = prose if prose is not None else data_mod.load_prose()
     base_scores = base_scores or score_probes(base, tokenizer, probes)
@@ -365,11 +367,15 @@ def memory_table(run) -> dict:
 
 # --- everything at once -------------------------------------------------------------------------
 
-def evaluate_run(run, base, tuned, tokenizer, task, base_scores=None, limit: int | None = None) -> dict:
-    """Accuracy and forgetting of a finished run, stored in ``run.metrics`` and the run log."""
+def evaluate_run(run, base, tuned, tokenizer, task, base_scores=None, limit: int | None = None,
+                 probes=None, prose_tokens: int | None = None) -> dict:
+    """Accuracy and forgetting of a finished run, stored in ``run.metrics`` and the run log.
+
+    ``probes`` (with ``base_scores`` of the same probes) and ``prose_tokens`` measure forgetting on less
+    material, for a grid of many runs (``study.run``)."""
     limit = limit if limit is not None else (48 if data_mod.quick_mode() else None)
     acc = accuracy(tuned, tokenizer, task, "test", limit=limit)
-    forgot = forgetting(base, tuned, tokenizer, base_scores=base_scores)
+    forgot = forgetting(base, tuned, tokenizer, probes=probes, base_scores=base_scores, prose_tokens=prose_tokens)
     run.metrics = {"accuracy": acc["accuracy"], "test_n": acc["n"], **forgot}
     train.save_run(run)
     return run.metrics

@@ -264,3 +264,102 @@ def accuracy_intervals(runs, zero_shot: dict | None = None, ax=None, title: str 
     if zero_shot is not None:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax
+
+
+# --- seed means (notebook 05_showdown) ------------------------------------------------------------
+
+PALETTE = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d"]  # colour-blind safe
+
+
+def _mean_dot(ax, x, summary, color, **kw):
+    m = summary["mean"]
+    ax.errorbar(x, m, yerr=[[m - summary["low"]], [summary["high"] - m]], fmt="o", color=color, capsize=4, **kw)
+
+
+def scorecard(rows: list, labels: list, zero_shot: dict | None = None, title: str = ""):
+    """Four panels for seed-mean rows (``study.summarize``): trainable share, test accuracy and KL from the
+    base (means with 95 % intervals over seeds; the zero-shot line and band), seconds per step."""
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
+    _bars_with_values(axes[0], [r["trainable %"] for r in rows], lambda v: f"{v:.3g} %")
+    axes[0].set_title("trainable parameters, % of the model", fontsize=10)
+    lows, highs = [], []
+    for i, r in enumerate(rows):
+        _mean_dot(axes[1], i, r["accuracy"], PALETTE[0])
+        lows.append(r["accuracy"]["low"])
+        highs.append(r["accuracy"]["high"])
+    if zero_shot is not None:
+        value, low, high = measure.interval(zero_shot, "accuracy")
+        axes[1].axhline(value, color="gray", ls="--")
+        axes[1].axhspan(low, high, color="gray", alpha=0.12)
+        lows.append(low)
+        highs.append(high)
+    _fit_range(axes[1], lows, highs, 0.0, 1.0)
+    axes[1].set_title("test accuracy, mean over seeds, 95 % intervals" +
+                      (f"\n(dashed: zero-shot {zero_shot['accuracy']:.1%})" if zero_shot is not None else ""), fontsize=10)
+    _bars_with_values(axes[2], [r["s_per_step"]["mean"] for r in rows], lambda v: f"{v:.2f}")
+    axes[2].set_title("seconds per training step", fontsize=10)
+    for i, r in enumerate(rows):
+        _mean_dot(axes[3], i, r["kl"], PALETTE[1])
+    axes[3].set_ylim(0, 1.1 * max(r["kl"]["high"] for r in rows))
+    axes[3].set_title("forgetting: KL(base || tuned), 95 % intervals", fontsize=10)
+    for ax in axes:
+        ax.set_xticks(range(len(rows)), labels, rotation=25, ha="right", fontsize=8)
+        ax.set_xlim(-0.6, len(rows) - 0.4)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def frontier(rows: list, recipes: dict, task_name: str, zero_shot: dict | None = None):
+    """Learn against forget: one curve per method through its learning rates (seed means, 95 % intervals
+    both ways), accuracy up, KL from the base (left panel) and fact probes kept (right panel) across."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
+    for panel, (metric, xlabel) in zip(axes, [("kl", "KL(base || tuned) per token: forgetting →"),
+                                              ("kept_greedy", "← forgetting: fact probes kept")]):
+        for color, (recipe, name) in zip(PALETTE, recipes.items()):
+            mine = sorted((r for r in rows if r["recipe"] == recipe and r["task"] == task_name), key=lambda r: r["lr"])
+            if not mine:
+                continue
+            xs, ys = [r[metric]["mean"] for r in mine], [r["accuracy"]["mean"] for r in mine]
+            panel.errorbar(xs, ys, xerr=[[x - r[metric]["low"] for x, r in zip(xs, mine)], [r[metric]["high"] - x for x, r in zip(xs, mine)]],
+                           yerr=[[y - r["accuracy"]["low"] for y, r in zip(ys, mine)], [r["accuracy"]["high"] - y for y, r in zip(ys, mine)]],
+                           fmt="o-", color=color, capsize=3, label=name)
+            for x, y, r in zip(xs, ys, mine):
+                panel.annotate(f"lr {r['lr']:g}", (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points", color=color)
+        if zero_shot is not None:
+            panel.axhline(zero_shot["accuracy"], color="gray", ls="--", label=f"zero-shot {zero_shot['accuracy']:.1%}")
+        panel.set_xlabel(xlabel)
+        panel.set_ylabel("test accuracy (mean over seeds)")
+    axes[0].set_xlim(left=0)
+    axes[1].invert_xaxis()  # forgetting grows to the right in both panels
+    axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(f"Learning against forgetting on {task_name}: each point one learning rate, 95 % intervals over seeds")
+    fig.tight_layout()
+    return fig
+
+
+def low_data(rows: list, recipes: dict, sizes: list, full_size: int, zero_shot: dict | None = None, ax=None):
+    """Test accuracy against the number of labelled training examples (log scale), one line per method,
+    seed means with 95 % intervals; ``sizes`` name tasks "<task>, n train", ``full_size`` the whole set."""
+    ax = _axes(ax, (7, 4))
+    for color, (recipe, name) in zip(PALETTE, recipes.items()):
+        points = []
+        for n in sizes:
+            match = [r for r in rows if r["recipe"] == recipe and r["task"].endswith(f", {n} train")] if n != full_size \
+                else [r for r in rows if r["recipe"] == recipe and "train" not in r["task"].split(",")[-1]]
+            if match:
+                points.append((n, match[0]["accuracy"]))
+        if points:
+            xs = [n for n, _ in points]
+            ys = [s["mean"] for _, s in points]
+            ax.errorbar(xs, ys, yerr=[[y - s["low"] for y, (_, s) in zip(ys, points)], [s["high"] - y for y, (_, s) in zip(ys, points)]],
+                        fmt="o-", color=color, capsize=4, label=name)
+    if zero_shot is not None:
+        ax.axhline(zero_shot["accuracy"], color="gray", ls="--", label=f"zero-shot {zero_shot['accuracy']:.1%}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.set_xlabel("labelled training examples")
+    ax.set_ylabel("test accuracy (mean over seeds)")
+    ax.set_title("Accuracy with little data, 95 % intervals over seeds")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax

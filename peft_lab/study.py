@@ -89,8 +89,13 @@ def logged(point: Point, task, model_name: str | None):
     return run if run is not None and "accuracy" in run.metrics else None
 
 
-def run(points, base, tokenizer, task, base_scores=None, progress: bool = True) -> list:
+def run(points, base, tokenizer, task, base_scores=None, progress: bool = True, sizes: dict | None = None) -> list:
     """Train and measure every point not yet in the run log; return the runs of all points (logged or new).
+
+    ``sizes`` measures on less, for a grid of many runs on a CPU: ``test`` and ``val`` (the first items of
+    each split: the splits are shuffled and balanced, so a prefix is a fair sample, with a wider interval),
+    ``probes`` (every k-th fact probe) and ``prose_tokens`` (for the KL). Runs are measured the same way
+    whether they are trained now or were logged before: pass the same ``sizes`` to resume a study.
 
     Interrupting (Ctrl-C, or Kernel > Interrupt) stops after the current run's partial steps are dropped;
     run the same call again to go on.
@@ -99,8 +104,10 @@ def run(points, base, tokenizer, task, base_scores=None, progress: bool = True) 
     done = {p: logged(p, task, model_name) for p in points}
     todo = [p for p in points if done[p] is None]
     print(f"study: {len(points)} runs, {len(points) - len(todo)} already in the run log, {len(todo)} to train")
+    sizes = sizes or {}
+    probes = measure.probe_set()[::sizes.get("probes", 1)]
     if todo and base_scores is None:
-        base_scores = measure.score_probes(base, tokenizer, measure.probe_set())
+        base_scores = measure.score_probes(base, tokenizer, probes)
     started = time.perf_counter()
     for i, point in enumerate(todo):
         if progress and i:
@@ -116,9 +123,11 @@ def run(points, base, tokenizer, task, base_scores=None, progress: bool = True) 
         if "interrupted_after_steps" in record.config:
             print(f"study stopped after {i} of {len(todo)} new runs; run it again to go on.")
             break
-        measure.evaluate_run(record, base, tuned, tokenizer, point_task, base_scores=base_scores)  # logs it
+        measure.evaluate_run(record, base, tuned, tokenizer, point_task, base_scores=base_scores,
+                             limit=sizes.get("test"), probes=probes, prose_tokens=sizes.get("prose_tokens"))
         if point_task.val:
-            record.metrics["val_accuracy"] = measure.accuracy(tuned, tokenizer, point_task, "val")["accuracy"]
+            val = measure.accuracy(tuned, tokenizer, point_task, "val", limit=sizes.get("val"))
+            record.metrics["val_accuracy"], record.metrics["val_n"] = val["accuracy"], val["n"]
             runlog.save_run(record)
         done[point] = record
         del tuned
@@ -127,7 +136,13 @@ def run(points, base, tokenizer, task, base_scores=None, progress: bool = True) 
     return [done[p] for p in points if done[p] is not None]
 
 
-def summarize(runs, metrics=("accuracy", "kl", "kept_greedy")) -> list:
+def _value(record, metric: str):
+    """A measured number of a run: its speed (``s_per_step``, ``tokens_per_s``) or one of its metrics."""
+    speed = {"s_per_step": record.seconds_per_step, "tokens_per_s": record.tokens_per_second}
+    return speed[metric] if metric in speed else record.metrics.get(metric)
+
+
+def summarize(runs, metrics=("accuracy", "kl", "kept_greedy", "kept_logprob", "val_accuracy")) -> list:
     """One row per recipe, learning rate and training-set size: each metric's mean over the seeds with its
     95 % interval (``measure.mean_interval``), and the number of seeds."""
     groups = {}
@@ -138,11 +153,34 @@ def summarize(runs, metrics=("accuracy", "kl", "kept_greedy")) -> list:
     for (recipe, lr, task_name), members in groups.items():
         row = {"recipe": recipe, "lr": lr, "task": task_name, "seeds": len(members)}
         for m in metrics:
-            values = [r.metrics[m] for r in members if m in r.metrics]
+            values = [_value(r, m) for r in members if _value(r, m) is not None]
             if values:
-                row[m] = measure.mean_interval(values)
+                row[m] = _widened(measure.mean_interval(values), members, m)
         rows.append(row)
     return rows
+
+
+# metric -> (how many items each run measured it on); accuracies and probe shares are pooled over the seeds
+_COUNTS = {"accuracy": "test_n", "val_accuracy": "val_n", "kept_greedy": "probes_known_by_base",
+           "kept_logprob": "probes_known_by_base"}
+
+
+def _widened(summary: dict, members, metric: str) -> dict:
+    """The seeds' t-interval, widened to cover the measurement's own uncertainty: a few seeds that happen to
+    agree would otherwise claim a precision the finite test set does not have.
+
+    Shares (accuracy, probes kept): the Wilson interval of the answers pooled over the seeds. KL: the mean of
+    the runs' own intervals (over the prose chunks). Shares stay within 0..1 and KL at or above 0."""
+    low, high = summary["low"], summary["high"]
+    if metric in _COUNTS and all(_COUNTS[metric] in r.metrics for r in members):
+        n = sum(r.metrics[_COUNTS[metric]] for r in members)
+        right = sum(round(r.metrics[metric] * r.metrics[_COUNTS[metric]]) for r in members)
+        w_low, w_high = measure.wilson(right, n)
+        low, high = max(0.0, min(low, w_low)), min(1.0, max(high, w_high))
+    elif metric == "kl" and all("kl_low" in r.metrics for r in members):
+        low = max(0.0, min(low, sum(r.metrics["kl_low"] for r in members) / len(members)))
+        high = max(high, sum(r.metrics["kl_high"] for r in members) / len(members))
+    return {**summary, "low": low, "high": high}
 
 
 def main(argv=None):

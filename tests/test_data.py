@@ -119,3 +119,15 @@ def test_quick_mode_follows_the_environment(monkeypatch):
     assert not data.quick_mode()
     monkeypatch.setenv("PEFT_LAB_QUICK", "1")
     assert data.quick_mode()
+
+
+def test_hub_reachable_is_false_offline_without_waiting(monkeypatch):
+    import socket
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert data.hub_reachable() is False
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def no_network(*args, **kwargs):
+        raise OSError("Name or service not known")
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    assert data.hub_reachable() is False

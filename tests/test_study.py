@@ -87,3 +87,19 @@ def test_command_line_dry_run_lists_the_grid_and_trains_nothing(tiny_llama, toke
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("to run ") for line in lines)
     assert sum(count_fits.values()) == 0
+
+
+def test_seed_means_keep_the_test_sets_own_uncertainty_and_stay_in_range():
+    def record(acc, kl):
+        r = runlog.RunRecord(method="study:lora-qv", task="t", config={"lr": 1e-3, "seed": 0}, trainable_params=1,
+                             total_params=2)
+        r.metrics = {"accuracy": acc, "test_n": 50, "kl": kl, "kl_low": kl - 0.01, "kl_high": kl + 0.01}
+        return r
+    same = study.summarize([record(0.98, 0.02), record(0.98, 0.02)], metrics=("accuracy", "kl"))[0]
+    # two seeds that agree exactly: no spread over seeds, but 100 answers still leave a Wilson interval
+    assert same["accuracy"]["low"] < 0.95 and same["accuracy"]["high"] <= 1.0
+    assert same["kl"]["low"] == pytest.approx(0.01) and same["kl"]["high"] == pytest.approx(0.03)
+    apart = study.summarize([record(0.99, 0.001), record(0.40, 0.30)], metrics=("accuracy", "kl"))[0]
+    # two seeds far apart: the t-interval is huge, and it is cut to what a share and a KL can be
+    assert apart["accuracy"]["low"] == 0.0 and apart["accuracy"]["high"] == 1.0
+    assert apart["kl"]["low"] == 0.0
