@@ -278,7 +278,8 @@ def _mean_dot(ax, x, summary, color, **kw):
 
 def scorecard(rows: list, labels: list, zero_shot: dict | None = None, title: str = ""):
     """Four panels for seed-mean rows (``study.summarize``): trainable share, test accuracy and KL from the
-    base (means with 95 % intervals over seeds; the zero-shot line and band), seconds per step."""
+    base (means with 95 % intervals over seeds; the zero-shot line and band), seconds per step. Explained in
+    notebook 05_showdown, section 2."""
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
     _bars_with_values(axes[0], [r["trainable %"] for r in rows], lambda v: f"{v:.3g} %")
     axes[0].set_title("trainable parameters, % of the model", fontsize=10)
@@ -312,7 +313,8 @@ def scorecard(rows: list, labels: list, zero_shot: dict | None = None, title: st
 
 def frontier(rows: list, recipes: dict, task_name: str, zero_shot: dict | None = None):
     """Learn against forget: one curve per method through its learning rates (seed means, 95 % intervals
-    both ways), accuracy up, KL from the base (left panel) and fact probes kept (right panel) across."""
+    both ways), accuracy up, KL from the base (left panel) and fact probes kept (right panel) across.
+    Explained in notebook 05_showdown, section 3."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     for panel, (metric, xlabel) in zip(axes, [("kl", "KL(base || tuned) per token: forgetting →"),
                                               ("kept_greedy", "← forgetting: fact probes kept")]):
@@ -340,7 +342,8 @@ def frontier(rows: list, recipes: dict, task_name: str, zero_shot: dict | None =
 
 def low_data(rows: list, recipes: dict, sizes: list, full_size: int, zero_shot: dict | None = None, ax=None):
     """Test accuracy against the number of labelled training examples (log scale), one line per method,
-    seed means with 95 % intervals; ``sizes`` name tasks "<task>, n train", ``full_size`` the whole set."""
+    seed means with 95 % intervals; ``sizes`` name tasks "<task>, n train", ``full_size`` the whole set.
+    Explained in notebook 05_showdown, section 4."""
     ax = _axes(ax, (7, 4))
     for color, (recipe, name) in zip(PALETTE, recipes.items()):
         points = []

@@ -75,7 +75,7 @@ def latency(tuned, tokenizer, task, batch_size: int = 16, repeats: int = 5) -> f
 def recipe_costs(recipes, base, tokenizer, task, **timing) -> dict:
     """recipe -> {checkpoint bytes, latency seconds} for an untrained model of each recipe (neither depends on
     what training writes into the weights); LoRA also merged into its base, where it costs nothing extra.
-    ``timing`` goes to ``latency`` (batch_size, repeats)."""
+    ``timing`` goes to ``latency`` (batch_size, repeats). Explained in notebook 05_showdown, section 2."""
     costs = {"zero-shot": {"checkpoint_bytes": 0, "latency_s": latency(base, tokenizer, task, **timing)}}
     for recipe in recipes:
         tuned = study.RECIPES[recipe](base, tokenizer, task.name)
@@ -91,7 +91,8 @@ def recipe_costs(recipes, base, tokenizer, task, **timing) -> dict:
 
 def best_by_validation(rows, recipe: str, task_name: str):
     """The summary row (``study.summarize``) of ``recipe`` on ``task_name`` with the highest mean validation
-    accuracy: the learning rate a learner would pick without looking at the test split."""
+    accuracy: the learning rate a learner would pick without looking at the test split. Explained in notebook
+    05_showdown, section 2."""
     mine = [r for r in rows if r["recipe"] == recipe and r["task"] == task_name and "val_accuracy" in r]
     if not mine:
         raise ValueError(f"No runs of {recipe!r} on {task_name!r} with a validation accuracy in these rows.")
@@ -110,7 +111,8 @@ def frontier_verdicts(rows, a: str, b: str, task_name: str) -> list:
 
     1. Each at its best learning rate (chosen on validation): accuracy and KL compared.
     2. Every pair of points (one learning rate of each) whose accuracies show no measurable difference:
-       which forgot more (KL), so the methods are compared at equal learning, not at one recipe each."""
+       which forgot more (KL), so the methods are compared at equal learning, not at one recipe each.
+    Explained in notebook 05_showdown, section 3."""
     name_a, name_b = NAMES.get(a, a), NAMES.get(b, b)
     best_a, best_b = best_by_validation(rows, a, task_name), best_by_validation(rows, b, task_name)
     lines = [f"At its best learning rate (by validation), {name_a} (lr {runlog.short_number(best_a['lr'])}) reached "
@@ -137,7 +139,8 @@ def frontier_verdicts(rows, a: str, b: str, task_name: str) -> list:
 
 def train_lora_adapters(shared, tokenizer, tasks: dict, folder, steps: int, lr: float, seed: int = 0) -> dict:
     """One LoRA adapter (r=8, all linear layers) per task, each trained on the same loaded ``shared`` model
-    (applied, trained, saved, removed: the base weights never change). Returns task -> (folder, run)."""
+    (applied, trained, saved, removed: the base weights never change). Returns task -> (folder, run).
+    Explained in notebook 05_showdown, section 5."""
     adapters = {}
     for name, task in tasks.items():
         torch.manual_seed(seed)
@@ -232,7 +235,8 @@ def time_to_accuracy(recipe: str, lr: float, base, tokenizer, task, target: floa
     """Train ``recipe`` and measure validation accuracy (first ``val_limit`` items) every ``every`` steps.
 
     Returns the curve [(training seconds so far, accuracy)] and the training seconds at which accuracy first
-    reached ``target`` (None if it never did). Training seconds count the steps only, not the measuring."""
+    reached ``target`` (None if it never did). Training seconds count the steps only, not the measuring.
+    Explained in notebook 05_showdown, section 6."""
     torch.manual_seed(seed)
     tuned = study.RECIPES[recipe](base, tokenizer, task.name)
     curve = []

@@ -258,7 +258,7 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
         print(f"Stopped after {len(record.losses)} of {steps} steps; the model keeps what it learned so far "
               "(this partial run is not written to the run log).")
     finally:
-        bar.close()
+        bar.close(record, steps)
         tuned.eval()
     if not record.memory:
         return record  # interrupted before the memory was measured
@@ -312,6 +312,40 @@ def _model_name(tuned) -> str:
 
 
 def _progress(steps, enabled, label):
+    """A live bar while training that leaves one line saying what ran once it is done.
+
+    The bar is erased at the end (``leave=False``): a saved notebook would otherwise show it frozen at
+    "0%| 0/60" wherever the page is read without running it (GitHub's static view). The line left in its
+    place, e.g. "training lora: 60 steps, 1.30 s/step, loss 4.91 → 0.21", reads the same everywhere.
+    """
     from tqdm.auto import tqdm
 
-    return tqdm(total=steps, desc=f"training {label}", disable=not enabled, leave=False)
+    return _Progress(tqdm(total=steps, desc=f"training {label}", disable=not enabled, leave=False), enabled, label)
+
+
+class _Progress:
+    """tqdm's ``update`` and ``set_postfix``; ``close(record, steps)`` also prints the summary line."""
+
+    def __init__(self, bar, enabled: bool, label: str):
+        self.bar, self.enabled, self.label = bar, enabled, label
+
+    def update(self, n: int = 1) -> None:
+        self.bar.update(n)
+
+    def set_postfix(self, **values) -> None:
+        self.bar.set_postfix(**values)
+
+    def close(self, record, steps: int) -> None:
+        self.bar.close()
+        if self.enabled:
+            print(_summary_line(self.label, record, steps))
+
+
+def _summary_line(label: str, record, steps: int) -> str:
+    """What one training run did, in one line: steps, seconds per step, first and last loss."""
+    done = len(record.losses)
+    if done == 0:
+        return f"training {label}: stopped before the first of {steps} steps"
+    ran = f"{done} steps" if done == steps else f"stopped after {done} of {steps} steps"
+    return (f"training {label}: {ran}, {record.seconds_per_step:.2f} s/step, "
+            f"loss {record.losses[0]:.2f} → {record.losses[-1]:.2f}")
