@@ -11,7 +11,7 @@ TORCH  ?= torch==2.13.0
 BUILD  := build
 NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
 
-.PHONY: run test unit lab venv clean
+.PHONY: run test unit lab venv clean browser-test
 
 venv: $(STAMP)
 
@@ -42,6 +42,16 @@ test: $(STAMP)
 unit: $(STAMP)
 	PEFT_LAB_QUICK=1 PEFT_LAB_RUNLOG=$(abspath $(BUILD))/test-runs.jsonl HF_HUB_OFFLINE=1 \
 		$(PY) -m pytest tests -p no:cacheprovider -q
+
+# The panels clicked in a real browser: JupyterLab in the system Chromium (Debian: apt-get install -y chromium;
+# another binary: PEFT_LAB_CHROMIUM=/path), driven by Playwright. Playwright's own browser download is not used.
+# Separate from `make test`: it needs a browser and takes minutes. By default notebooks 02 and 03;
+# PEFT_LAB_BROWSER_NOTEBOOKS=all (or "01 04") chooses others (README, "make browser-test").
+PLAYWRIGHT ?= playwright==1.65.0
+browser-test: $(STAMP)
+	$(PY) -m pip show playwright 2>/dev/null | grep -qx 'Version: $(subst playwright==,,$(PLAYWRIGHT))' || \
+		$(PY) -m pip install -q $(PLAYWRIGHT)
+	$(PY) -m pytest browser_tests -p no:cacheprovider -q -s
 
 # JupyterLab refuses to start as root (containers, workshop VMs) unless told it may
 lab: $(STAMP)

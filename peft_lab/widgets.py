@@ -60,7 +60,9 @@ class ExperimentPanel:
     def run(self):
         """Train once with the current control values; returns the run record."""
         values = self.values()
-        steps, lr = int(values.pop("steps")), float(values.pop("lr"))
+        # a log slider moves in steps of 10**0.25 and cannot land on 2e-4; train at the one significant figure
+        # its readout shows (1.78e-4 reads "2e-04", so it trains at 2e-4)
+        steps, lr = int(values.pop("steps")), float(f"{float(values.pop('lr')):.0e}")
         self.status.value = "training ..."
         # True: a trainable fp32 copy (freezing choices); "frozen": a frozen copy in the base's own
         # precision for a method to attach to (LoRA, prefix); False: the base itself (soft prompts)

@@ -67,3 +67,12 @@ def test_running_a_panel_twice_gives_the_same_run(tiny_llama, tokenizer):
     panel = widgets.lora_panel(tiny_llama, tokenizer, make_tiny_task(), steps=2)
     first, second = panel.run(), panel.run()  # no double wrapping, no stale state: the same seeded run
     assert first.losses == second.losses and first.metrics["accuracy"] == second.metrics["accuracy"]
+
+
+
+def test_the_learning_rate_trained_is_the_one_the_slider_shows(tiny_llama, tokenizer):
+    # in the browser a log slider snaps 2e-4 to 10**-3.75 = 1.78e-4 and shows "2e-04": the run must use 2e-4
+    panel = widgets.freezing_panel(tiny_llama, tokenizer, make_tiny_task(), steps=1)
+    panel.controls["lr"].value = 10 ** -3.75
+    panel.run_button.click()
+    assert panel.runs[0].config["lr"] == 2e-4
