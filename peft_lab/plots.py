@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
-from . import measure
+from . import measure, runlog
 
 MEMORY_PARTS = ("weights", "gradients", "optimizer", "weight_casts", "activations")
 COLORS = {"weights": "#8da0cb", "gradients": "#fc8d62", "optimizer": "#66c2a5", "weight_casts": "#ffd92f",
@@ -327,7 +327,7 @@ def frontier(rows: list, recipes: dict, task_name: str, zero_shot: dict | None =
                            yerr=[[y - r["accuracy"]["low"] for y, r in zip(ys, mine)], [r["accuracy"]["high"] - y for y, r in zip(ys, mine)]],
                            fmt="o-", color=color, capsize=3, label=name)
             for x, y, r in zip(xs, ys, mine):
-                panel.annotate(f"lr {r['lr']:g}", (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points", color=color)
+                panel.annotate(f"lr {runlog.short_number(r['lr'])}", (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points", color=color)
         if zero_shot is not None:
             panel.axhline(zero_shot["accuracy"], color="gray", ls="--", label=f"zero-shot {zero_shot['accuracy']:.1%}")
         panel.set_xlabel(xlabel)
