@@ -337,27 +337,6 @@ def test_checks_run_under_the_pretend_accelerator(capsys):
 
 # --- train.fit leaves a line saying what ran (readable where the notebook is not run) ---------------------
 
-def test_fit_prints_one_summary_line_when_progress_is_on(tiny_llama, tokenizer, task, isolated_run_log, capsys):
-    from peft_lab import lora, train
-
-    run = train.fit(lora.apply(tiny_llama, rank=2), tokenizer, task, steps=3, lr=1e-3, method="lora")
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("training lora:")]
-    assert lines == [f"training lora: 3 steps, {run.seconds_per_step:.2f} s/step, "
-                     f"loss {run.losses[0]:.2f} → {run.losses[-1]:.2f}"]
-    train.fit(tiny_llama, tokenizer, task, steps=2, lr=1e-3, progress=False)
-    assert "training" not in capsys.readouterr().out
-
-
-def test_the_summary_line_of_an_interrupted_run_says_how_far_it_got():
-    from peft_lab import train
-    from peft_lab.runlog import RunRecord
-
-    record = RunRecord(method="lora", task="tiny", config={}, trainable_params=1, total_params=1)
-    assert train._summary_line("lora", record, 60) == "training lora: stopped before the first of 60 steps"
-    record.losses, record.step_seconds = [4.91, 3.5], [1.0, 1.3]
-    assert train._summary_line("lora", record, 60) == "training lora: stopped after 2 of 60 steps, 1.30 s/step, loss 4.91 → 3.50"
-
-
 def test_an_answer_the_check_cannot_use_is_a_hint_not_a_crash(capsys):
     def float_labels(prompt, embeds, attention_mask, labels):
         inputs, mask, new_labels = solution("04_prompt.py").join_prompt(prompt, embeds, attention_mask, labels)
