@@ -249,7 +249,11 @@ def test_panel_in_browser(lab, browser, screenshots, notebook, panel_fn, var):
             f"{name}: the new comparison row is {label!r}; after setting {description!r} to {value} it should contain {row_text.format(value)!r}"
         assert kernel_value(page, f"{var}.runs[-1].config['steps']") == str(PANEL_STEPS), \
             f"{name}: the steps slider was set to {PANEL_STEPS} in the page, the kernel trained another number"
-        expect(results.locator("img")).to_have_count(1)  # the comparison plot under the table
+        comparison = results.locator("img")
+        expect(comparison).to_have_count(1)  # the comparison plot under the table
+        # a large PNG may still be decoding when it is counted: wait for it, or the screenshot catches it half drawn
+        assert comparison.evaluate("img => img.decode().then(() => img.naturalWidth > 0)"), \
+            f"{name}: the comparison plot is an empty image"
 
         broken = page.get_by_text("Error displaying widget")
         assert broken.count() == 0, f"{name}: the page shows {broken.count()} x 'Error displaying widget': " \
