@@ -87,6 +87,16 @@ def _fit_range(ax, lows, highs, floor=None, ceiling=None):
     ax.set_ylim(low if floor is None else max(floor, low), high if ceiling is None else min(ceiling, high))
 
 
+def _zero_shot_band(ax, zero_shot, lows, highs):
+    """The zero-shot line and its 95 % band behind accuracy dots, then a range that shows every interval whole."""
+    if zero_shot is not None:
+        value, low, high = measure.interval(zero_shot, "accuracy")
+        ax.axhline(value, color="gray", ls="--")
+        ax.axhspan(low, high, color="gray", alpha=0.12)
+        lows, highs = lows + [low], highs + [high]
+    _fit_range(ax, lows, highs, 0.0, 1.0)
+
+
 def _bars_with_values(ax, values, fmt):
     bars = ax.bar(range(len(values)), values, color="#4c72b0")
     for bar, v in zip(bars, values):
@@ -104,13 +114,7 @@ def comparison(runs, title: str = "Methods compared", zero_shot: dict | None = N
     _bars_with_values(axes[0], [r["trainable %"] for r in rows], lambda v: f"{v:.3g} %")
     axes[0].set_title("trainable parameters, % of the model", fontsize=10)
     lows, highs = _interval_dots(axes[1], runs, "accuracy", "#1b9e77")
-    if zero_shot is not None:
-        value, low, high = measure.interval(zero_shot, "accuracy")
-        axes[1].axhline(value, color="gray", ls="--")
-        axes[1].axhspan(low, high, color="gray", alpha=0.12)
-        lows.append(low)
-        highs.append(high)
-    _fit_range(axes[1], lows, highs, 0.0, 1.0)
+    _zero_shot_band(axes[1], zero_shot, lows, highs)
     axes[1].set_title("test accuracy, 95 % intervals" + (f"\n(dashed: zero-shot {zero_shot['accuracy']:.1%})"
                                                          if zero_shot is not None else ""), fontsize=10)
     _bars_with_values(axes[2], [r["s/step"] for r in rows], lambda v: f"{v:.2f}")
@@ -288,13 +292,7 @@ def scorecard(rows: list, labels: list, zero_shot: dict | None = None, title: st
         _mean_dot(axes[1], i, r["accuracy"], PALETTE[0])
         lows.append(r["accuracy"]["low"])
         highs.append(r["accuracy"]["high"])
-    if zero_shot is not None:
-        value, low, high = measure.interval(zero_shot, "accuracy")
-        axes[1].axhline(value, color="gray", ls="--")
-        axes[1].axhspan(low, high, color="gray", alpha=0.12)
-        lows.append(low)
-        highs.append(high)
-    _fit_range(axes[1], lows, highs, 0.0, 1.0)
+    _zero_shot_band(axes[1], zero_shot, lows, highs)
     axes[1].set_title("test accuracy, mean over seeds, 95 % intervals" +
                       (f"\n(dashed: zero-shot {zero_shot['accuracy']:.1%})" if zero_shot is not None else ""), fontsize=10)
     _bars_with_values(axes[2], [r["s_per_step"]["mean"] for r in rows], lambda v: f"{v:.2f}")
