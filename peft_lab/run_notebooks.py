@@ -9,8 +9,34 @@ from __future__ import annotations
 
 import argparse
 import base64
+import re
 import time
 from pathlib import Path
+
+
+# A training bar as a saved notebook keeps it: tqdm's widget, with the text it showed when it appeared
+# ("training lora:   0%|          | 0/60 [00:00<?, ?it/s]"). train.fit erases the bar when it is done and
+# prints a summary line in its place, but the saved output keeps the widget, and wherever the page is read
+# without running it (GitHub, a static viewer) the bar shows frozen at 0 %.
+TRAINING_BAR = re.compile(r"^training .*\d+%\|.*\| *\d+/\d+")
+
+
+def drop_training_bars(nb) -> int:
+    """Remove the erased training progress bars from ``nb``'s outputs; returns how many were removed."""
+    removed = 0
+    for cell in nb.cells:
+        kept = []
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            text = data.get("text/plain", "")
+            text = "".join(text) if isinstance(text, list) else text
+            if "application/vnd.jupyter.widget-view+json" in data and TRAINING_BAR.match(text):
+                removed += 1
+            else:
+                kept.append(output)
+        if "outputs" in cell:
+            cell["outputs"] = kept
+    return removed
 
 
 def run(paths, out: Path, timeout: int = 3600) -> dict:
@@ -32,6 +58,7 @@ def run(paths, out: Path, timeout: int = 3600) -> dict:
             failed[path.name] = message.splitlines()[-1] if message else type(err).__name__
             print(f"  FAILED: {failed[path.name]}", flush=True)
         seconds[path.name] = time.perf_counter() - started
+        drop_training_bars(nb)
         nbformat.write(nb, out / "notebooks" / path.name)
         n = 0
         for cell in nb.cells:

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import clear_output, display
 
-from . import measure, methods, models, plots, train
+from . import measure, methods, models, plots, runlog, train
 from .methods import freeze
 
 
@@ -85,8 +85,11 @@ class ExperimentPanel:
                 ax.set_title(f"{self.method_label(values)}: step {len(record.losses)}/{steps}")
                 display(fig)
 
+        # the panel's label already names the settings; only the learning rate is added (the default label
+        # would repeat them: "prefix P=19 +MLP (text) P=19 init text, lr 1e-4")
         run = train.fit(tuned, self.tokenizer, self.task, steps=steps, lr=lr, on_step=redraw,
-                        method=self.method_label(values), progress=False)
+                        method=self.method_label(values), progress=False,
+                        label=f"{self.method_label(values)}, lr {runlog.short_number(lr)}")
         plt.close(fig)
         self.status.value = "measuring accuracy and forgetting ..."
         if self._base_scores is None:
@@ -155,7 +158,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # token count: cut mid-sentence or repeated, it reads like garbled text and starts far worse
 # (notebook 03, section 6).
 from .baselines import PREFIX_INIT_TEXT  # noqa: E402  (one init text for notebook 03, its panel and its baseline)
-PROMPT_INIT_TEXT = "Is this review positive or negative?"
+PROMPT_INIT_TEXT = "Decide whether the following customer review is positive or negative."  # notebook 04's TEXT
 
 
 def _freeze_controls(base, tokenizer):
@@ -189,7 +192,9 @@ def _prefix_controls(base, tokenizer):
 def _prompt_controls(base, tokenizer, init_text=PROMPT_INIT_TEXT):
     from .methods import prompt
 
-    return {"num_virtual_tokens": W.IntSlider(value=20, min=1, max=100, description="prompt P"),
+    # one virtual token per token of the text, as in notebook 04: the text fits whole, neither cut nor repeated
+    text_tokens = len(tokenizer(init_text, add_special_tokens=False).input_ids)
+    return {"num_virtual_tokens": W.IntSlider(value=min(max(text_tokens, 1), 100), min=1, max=100, description="prompt P"),
             "init": W.Dropdown(options=list(prompt.INITS), value="text", description="init"),
             "init_text": W.Text(value=init_text, description="init text", style=WIDE, layout=W.Layout(width="60%"))}
 

@@ -27,3 +27,19 @@ def test_runner_keeps_outputs_and_goes_on_after_a_failure(tmp_path):
     assert saved["bad.ipynb"].cells[1].outputs[0]["ename"] == "ValueError"
     assert saved["bad.ipynb"].cells[2].outputs == []
     assert saved["later.ipynb"].cells[0].outputs[0]["text"] == "still ran\n"
+
+
+def test_the_erased_training_bars_are_not_saved_but_everything_else_is():
+    widget = {"model_id": "abc", "version_major": 2, "version_minor": 0}
+    bar = nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": widget,
+        "text/plain": "training lora:   0%|          | 0/60 [00:00<?, ?it/s]"})
+    panel = nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": widget, "text/plain": "VBox(children=(...))"})
+    summary = nbformat.v4.new_output("stream", name="stdout", text="training lora: 60 steps, 1.30 s/step, loss 4.91 → 0.21\n")
+    printed = nbformat.v4.new_output("stream", name="stdout", text="training lora:   0%|  | 0/60 as plain text\n")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("fit()"), nbformat.v4.new_markdown_cell("text")]
+    nb.cells[0].outputs = [bar, summary, panel, printed]
+    assert run_notebooks.drop_training_bars(nb) == 1
+    assert nb.cells[0].outputs == [summary, panel, printed]

@@ -36,7 +36,7 @@ def test_a_full_run_from_the_panel_is_not_the_full_baseline(tiny_llama, tokenize
     panel = widgets.freezing_panel(tiny_llama, tokenizer, make_tiny_task(), steps=2)
     panel.controls["choice"].value = "full"
     panel.run_button.click()
-    assert panel.runs[0].method == "freeze full" and "lr" in panel.runs[0].label
+    assert panel.runs[0].method == "freeze full" and panel.runs[0].label == "freeze full, lr 2e-5"
     assert runlog.latest_run("full", "tiny") is None  # notebooks 02-04 look the baseline up as "full"
 
 
