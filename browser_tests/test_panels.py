@@ -80,19 +80,25 @@ def log(name: str, message: str, start: float) -> None:
     print(f"[browser] {name}: {message} ({time.monotonic() - start:.0f} s)", flush=True)
 
 
-# JavaScript run in the page through window.jupyterapp (the server exposes it; see conftest.py).
-KERNEL_READY_JS = """() => {
-  const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
-  const kernel = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
-  return !!(kernel && kernel.status === 'idle' && w.content && w.content.model && w.content.widgets.length);
-}"""
+# JavaScript run in the page through window.jupyterapp (the server exposes it; see conftest.py). Every
+# snippet finds the notebook by its path, never as "the current widget": if anything else opens in the
+# page (a restored tab), the cells still run, and are read, in this notebook.
+NOTEBOOK_JS = """const app = window.jupyterapp;
+  const panel = app && Array.from(app.shell.widgets('main')).find(w => w.context && w.context.path === path);"""
+
+KERNEL_READY_JS = """(path) => {
+  %s
+  const kernel = panel && panel.sessionContext && panel.sessionContext.session && panel.sessionContext.session.kernel;
+  return !!(kernel && kernel.status === 'idle' && panel.content && panel.content.model && panel.content.widgets.length);
+}""" % NOTEBOOK_JS
 
 # Marks the panel cell for locators, clears every saved output (so nothing stale shows, and an
 # "Error displaying widget" can only come from this run), then runs the cells above the panel and the
-# panel cell itself. The outcome lands in window.__peftLab.
-START_RUN_JS = """(pattern) => {
-  const app = window.jupyterapp;
-  const nb = app.shell.currentWidget.content;
+# panel cell itself. The notebook commands act on the current notebook: this one is made current before
+# each. The outcome lands in window.__peftLab.
+START_RUN_JS = """([path, pattern]) => {
+  %s
+  const nb = panel.content;
   const re = new RegExp(pattern);
   let index = -1;
   for (let i = 0; i < nb.model.cells.length; i++) {
@@ -102,7 +108,7 @@ START_RUN_JS = """(pattern) => {
   if (index < 0) return -1;
   nb.widgets[index].node.setAttribute('data-peft-lab-panel', '');
   window.__peftLab = {done: false, ok: null};
-  const select = () => { nb.deselectAll(); nb.activeCellIndex = index; };
+  const select = () => { app.shell.activateById(panel.id); nb.deselectAll(); nb.activeCellIndex = index; };
   select();
   app.commands.execute('notebook:clear-all-cell-outputs')
     .then(() => { select(); return app.commands.execute('notebook:run-all-above'); })
@@ -110,10 +116,11 @@ START_RUN_JS = """(pattern) => {
     .then(ok => { window.__peftLab = {done: true, ok: ok}; },
           err => { window.__peftLab = {done: true, ok: false, error: String(err)}; });
   return index;
-}"""
+}""" % NOTEBOOK_JS
 
-PROGRESS_JS = """(index) => {
-  const nb = window.jupyterapp.shell.currentWidget.content;
+PROGRESS_JS = """([path, index]) => {
+  %s
+  const nb = panel.content;
   let run = 0;
   for (let i = 0; i <= index; i++) {
     const cell = nb.model.cells.get(i);
@@ -121,11 +128,13 @@ PROGRESS_JS = """(index) => {
   }
   let code = 0;
   for (let i = 0; i <= index; i++) if (nb.model.cells.get(i).type === 'code') code++;
-  return {run, code, done: window.__peftLab.done, ok: window.__peftLab.ok, error: window.__peftLab.error || null};
-}"""
+  return {run, code, panelRan: nb.model.cells.get(index).executionCount !== null,
+          done: window.__peftLab.done, ok: window.__peftLab.ok, error: window.__peftLab.error || null};
+}""" % NOTEBOOK_JS
 
-ERRORS_JS = """(index) => {
-  const nb = window.jupyterapp.shell.currentWidget.content;
+ERRORS_JS = """([path, index]) => {
+  %s
+  const nb = panel.content;
   const errors = [];
   for (let i = 0; i <= index; i++) {
     const cell = nb.model.cells.get(i);
@@ -139,26 +148,38 @@ ERRORS_JS = """(index) => {
     }
   }
   return errors;
-}"""
+}""" % NOTEBOOK_JS
 
+# What the panel cell's outputs hold (their MIME types and plain text), for the message when no panel shows.
+PANEL_OUTPUTS_JS = """([path, index]) => {
+  %s
+  const cell = panel.content.model.cells.get(index);
+  const outs = [];
+  for (let j = 0; j < cell.outputs.length; j++) {
+    const out = cell.outputs.get(j).toJSON();
+    outs.push(`${out.output_type}: ${Object.keys(out.data || {}).join(', ')} ${JSON.stringify((out.data || {})['text/plain'] || out.text || '').slice(0, 200)}`);
+  }
+  return {count: cell.executionCount, outputs: outs};
+}""" % NOTEBOOK_JS
 
-KERNEL_EXPRESSION_JS = """async (expression) => {
-  const kernel = window.jupyterapp.shell.currentWidget.sessionContext.session.kernel;
+KERNEL_EXPRESSION_JS = """async ([path, expression]) => {
+  %s
+  const kernel = panel.sessionContext.session.kernel;
   const reply = await kernel.requestExecute({code: '', silent: true, user_expressions: {value: expression}}).done;
   const value = reply.content.user_expressions.value;
   if (value.status !== 'ok') throw new Error(`${expression}: ${value.ename}: ${value.evalue}`);
   return value.data['text/plain'];
-}"""
+}""" % NOTEBOOK_JS
 
 
-def run_up_to_panel(page, name: str, start: float) -> int:
+def run_up_to_panel(page, notebook: str, name: str, start: float) -> int:
     """Run the notebook's cells up to and including the panel cell; returns the panel cell's index."""
-    index = page.evaluate(START_RUN_JS, PANEL_CALL)
+    index = page.evaluate(START_RUN_JS, [notebook, PANEL_CALL])
     assert index >= 0, f"{name}: JupyterLab shows no code cell matching {PANEL_CALL!r}"
     deadline = time.monotonic() + RUN_ABOVE_TIMEOUT_S
     last_report = 0.0
     while True:
-        state = page.evaluate(PROGRESS_JS, index)
+        state = page.evaluate(PROGRESS_JS, [notebook, index])
         if state["done"]:
             break
         if time.monotonic() > deadline:
@@ -168,9 +189,10 @@ def run_up_to_panel(page, name: str, start: float) -> int:
             log(name, f"running cells up to the panel: {state['run']}/{state['code']} code cells", start)
             last_report = time.monotonic()
         time.sleep(2)
-    errors = page.evaluate(ERRORS_JS, index)
+    errors = page.evaluate(ERRORS_JS, [notebook, index])
     assert not errors, f"{name}: cells failed before the panel could be tested:\n" + "\n".join(errors)
     assert state["ok"], f"{name}: JupyterLab reports the run up to the panel did not complete: {state['error']}"
+    assert state["panelRan"], f"{name}: the cells above the panel ran, but the panel cell (cell {index}) did not"
     log(name, f"ran {state['code']} code cells up to the panel (cell {index})", start)
     return index
 
@@ -189,9 +211,9 @@ def set_slider(page, panel, description: str, value: int) -> None:
     expect(readout).to_have_text(str(value), timeout=10_000)
 
 
-def kernel_value(page, expression: str) -> str:
+def kernel_value(page, notebook: str, expression: str) -> str:
     """``expression`` evaluated in the notebook's kernel (a silent request: no cell, no execution count)."""
-    return page.evaluate(KERNEL_EXPRESSION_JS, expression)
+    return page.evaluate(KERNEL_EXPRESSION_JS, [notebook, expression])
 
 
 def click_run_and_wait(page, panel, name: str, start: float, rows_after: int) -> None:
@@ -221,13 +243,19 @@ def test_panel_in_browser(lab, browser, screenshots, notebook, panel_fn, var):
     page_errors = []
     page.on("pageerror", lambda err: page_errors.append(str(err)))
     try:
-        page.goto(f"{base}/lab/tree/{notebook}?token={token}", timeout=OPEN_TIMEOUT_MS)
-        page.wait_for_function(KERNEL_READY_JS, timeout=OPEN_TIMEOUT_MS, polling=500)
+        # reset: start from an empty workspace, or JupyterLab restores the tabs of the previous notebook's page
+        page.goto(f"{base}/lab/tree/{notebook}?token={token}&reset", timeout=OPEN_TIMEOUT_MS)
+        page.wait_for_function(KERNEL_READY_JS, arg=notebook, timeout=OPEN_TIMEOUT_MS, polling=500)
         log(name, "notebook open, kernel idle", start)
 
-        index = run_up_to_panel(page, name, start)
+        index = run_up_to_panel(page, notebook, name, start)
         panel = page.locator("[data-peft-lab-panel] .jp-OutputArea-output .widget-vbox").first
-        expect(panel).to_be_visible(timeout=60_000)
+        try:
+            expect(panel).to_be_visible(timeout=60_000)
+        except AssertionError:
+            cell = page.evaluate(PANEL_OUTPUTS_JS, [notebook, index])
+            pytest.fail(f"{name}: the panel cell ran (execution count {cell['count']}) but no panel shows in the "
+                        f"page; its outputs: {cell['outputs']}; JavaScript errors: {page_errors}", pytrace=False)
         panel.scroll_into_view_if_needed()
         outputs = panel.locator(".widget-output")  # ExperimentPanel: the live plot, then the comparison
         expect(outputs).to_have_count(2)
@@ -238,7 +266,7 @@ def test_panel_in_browser(lab, browser, screenshots, notebook, panel_fn, var):
         set_slider(page, panel, "steps", PANEL_STEPS)
         set_slider(page, panel, description, value)
         # the table lists the earlier runs the notebook passed in (compare_with) and then this one
-        runs_before = int(kernel_value(page, f"len({var}.runs)"))
+        runs_before = int(kernel_value(page, notebook, f"len({var}.runs)"))
         click_run_and_wait(page, panel, name, start, rows_after=runs_before + 1)
         image = live.locator("img")
         expect(image).to_have_count(1)
@@ -247,7 +275,7 @@ def test_panel_in_browser(lab, browser, screenshots, notebook, panel_fn, var):
         label = rows.last.locator("th").first.inner_text()
         assert row_text.format(value) in label, \
             f"{name}: the new comparison row is {label!r}; after setting {description!r} to {value} it should contain {row_text.format(value)!r}"
-        assert kernel_value(page, f"{var}.runs[-1].config['steps']") == str(PANEL_STEPS), \
+        assert kernel_value(page, notebook, f"{var}.runs[-1].config['steps']") == str(PANEL_STEPS), \
             f"{name}: the steps slider was set to {PANEL_STEPS} in the page, the kernel trained another number"
         comparison = results.locator("img")
         expect(comparison).to_have_count(1)  # the comparison plot under the table
@@ -269,7 +297,7 @@ def test_panel_in_browser(lab, browser, screenshots, notebook, panel_fn, var):
     finally:
         # shut the kernel down: each notebook loads its own model, two at once would crowd a small machine
         try:
-            page.evaluate("() => window.jupyterapp.shell.currentWidget.sessionContext.shutdown()")
+            page.evaluate("(path) => { %s return panel.sessionContext.shutdown(); }" % NOTEBOOK_JS, notebook)
         except Exception:
             pass
         page.close()
