@@ -287,6 +287,9 @@ def test_panel_in_browser(lab, browser, screenshots, notebook, panel_fn, var):
         assert broken.count() == 0, f"{name}: the page shows {broken.count()} x 'Error displaying widget': " \
                                     f"{broken.first.inner_text()}"
         assert not page_errors, f"{name}: JavaScript errors in the page: {page_errors}"
+        # a decoded image may still be painted in tiles: wait two frames and a moment, or the screenshot shows it half drawn
+        page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+        page.wait_for_timeout(1_000)
         page.locator("[data-peft-lab-panel]").screenshot(path=str(screenshots / f"{name}.png"))
         log(name, f"passed; screenshot {screenshots / (name + '.png')}", start)
     except Exception:
