@@ -63,6 +63,7 @@ class ExperimentPanel:
         # a log slider moves in steps of 10**0.25 and cannot land on 2e-4; train at the one significant figure
         # its readout shows (1.78e-4 reads "2e-04", so it trains at 2e-4)
         steps, lr = int(values.pop("steps")), float(f"{float(values.pop('lr')):.0e}")
+        name = self.method_label(values)
         self.status.value = "training ..."
         # True: a trainable fp32 copy (freezing choices); "frozen": a frozen copy in the base's own
         # precision for a method to attach to (LoRA, prefix); False: the base itself (soft prompts)
@@ -82,14 +83,13 @@ class ExperimentPanel:
                 ax.plot(range(1, len(record.losses) + 1), record.losses)
                 ax.set_xlabel("step")
                 ax.set_ylabel("loss")
-                ax.set_title(f"{self.method_label(values)}: step {len(record.losses)}/{steps}")
+                ax.set_title(f"{name}: step {len(record.losses)}/{steps}")
                 display(fig)
 
         # the panel's label already names the settings; only the learning rate is added (the default label
         # would repeat them: "prefix P=19 +MLP (text) P=19 init text, lr 1e-4")
         run = train.fit(tuned, self.tokenizer, self.task, steps=steps, lr=lr, on_step=redraw,
-                        method=self.method_label(values), progress=False,
-                        label=f"{self.method_label(values)}, lr {runlog.short_number(lr)}")
+                        method=name, progress=False, label=f"{name}, lr {runlog.short_number(lr)}")
         plt.close(fig)
         self.status.value = "measuring accuracy and forgetting ..."
         if self._base_scores is None:
