@@ -18,6 +18,7 @@ change the model for every input too.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -58,13 +59,15 @@ def accuracy(tuned, tokenizer, task, split: str = "test", limit: int | None = No
     examples = getattr(task, split)[:limit] if limit else getattr(task, split)
     if not examples:
         raise ValueError(f"Task {task.name!r} has no {split!r} examples to measure.")
+    items = fingerprint(str(e) for e in examples)
     if task.is_text:
         right = [s["greedy_right"] for s in score_probes(tuned, tokenizer, examples)]
-        return {"accuracy": sum(right) / len(right), "n": len(right), "predictions": right}
+        return {"accuracy": sum(right) / len(right), "n": len(right), "predictions": right,
+                "correct": bits(right), "items": items}
     device = data_mod.device_of(tuned)
     verbal = torch.tensor(data_mod.verbalizer_ids(task, tokenizer), device=device)
     tuned.eval()
-    correct, predictions = 0, []
+    correct, predictions, right = 0, [], []
     loss_full = loss_label = mass = 0.0
     for batch in data_mod.batches(examples, task, tokenizer, batch_size, max_length):
         batch = data_mod.to_device(batch, device)
@@ -74,6 +77,7 @@ def accuracy(tuned, tokenizer, task, split: str = "test", limit: int | None = No
         pred = scores.argmax(-1)
         correct += int((pred == batch["label"]).sum())
         predictions += pred.tolist()
+        right += (pred == batch["label"]).tolist()
         # the two losses of notebook 00, section 4: over the whole vocabulary (what training minimises)
         # and over the label words alone (what accuracy sees); and the probability left for the label words
         loss_full += float(F.cross_entropy(logits, batch["target"], reduction="sum"))
@@ -81,7 +85,22 @@ def accuracy(tuned, tokenizer, task, split: str = "test", limit: int | None = No
         mass += float(logits.softmax(-1)[:, verbal].sum())
     n = len(examples)
     return {"accuracy": correct / n, "n": n, "predictions": [task.labels[i] for i in predictions],
+            "correct": bits(right), "items": items,
             "loss_full_vocabulary": loss_full / n, "loss_label_words": loss_label / n, "label_word_mass": mass / n}
+
+
+def bits(flags) -> str:
+    """Right/wrong per item as a compact string ("1" right, "0" wrong), kept with a run's metrics so two runs
+    scored on the same items can be compared item by item (``paired_test``)."""
+    return "".join("1" if f else "0" for f in flags)
+
+
+def fingerprint(texts) -> str:
+    """A short hash naming a list of items, so a paired comparison can check that both runs saw the same ones."""
+    h = hashlib.sha1()
+    for t in texts:
+        h.update(t.encode("utf-8") + b"\0")
+    return h.hexdigest()[:16]
 
 
 def accuracy_interval(result: dict) -> tuple:
@@ -92,9 +111,40 @@ def accuracy_interval(result: dict) -> tuple:
 
 def verdict(a: dict, b: dict) -> str:
     """"higher", "lower" or "no measurable difference": accuracy ``a`` against ``b`` (each an ``accuracy``
-    result or a run's metrics), judged by whether their 95 % intervals overlap. Overlap is a cautious
-    test: a real but small difference can hide in it, which is exactly what the words say."""
+    result or a run's metrics). Two results scored on the same items are compared item by item
+    (``paired_test``); otherwise by whether their 95 % intervals overlap (see ``compare``)."""
     return compare(a, b, "accuracy")
+
+
+# Which item-by-item record a metric keeps, and the fingerprint of the items it was scored on.
+_PAIRED = {"accuracy": ("correct", "items"), "kept_greedy": ("kept_greedy_bits", "probes_known_items")}
+
+
+def paired_counts(a: dict, b: dict, metric: str = "accuracy"):
+    """(items only ``a`` got right, items only ``b`` got right) when both results carry right/wrong per item
+    for the same items; ``None`` otherwise (a mean over seeds, an old run log, different items)."""
+    if metric not in _PAIRED:
+        return None
+    record, items = _PAIRED[metric]
+    # a run's metrics name the test items with a "test_" prefix; an ``accuracy`` result without it
+    rec_a, rec_b = (r.get(record, r.get("test_" + record)) for r in (a, b))
+    ids_a, ids_b = (r.get(items, r.get("test_" + items)) for r in (a, b))
+    if not rec_a or not rec_b or ids_a is None or ids_a != ids_b or len(rec_a) != len(rec_b):
+        return None
+    only_a = sum(x == "1" and y == "0" for x, y in zip(rec_a, rec_b))
+    only_b = sum(x == "0" and y == "1" for x, y in zip(rec_a, rec_b))
+    return only_a, only_b
+
+
+def paired_test(only_a: int, only_b: int) -> float:
+    """Two-sided p-value of the exact McNemar test: the items on which two runs disagree are a fair coin's
+    tosses if neither run is better. Items both get right (or both wrong) say nothing about which is better,
+    so a paired test sees a difference that two overlapping intervals hide."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
 
 
 # Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (beyond that, the normal 1.96).
@@ -141,8 +191,18 @@ def interval(result: dict, metric: str = "accuracy") -> tuple:
 
 
 def compare(a: dict, b: dict, metric: str = "accuracy") -> str:
-    """"higher", "lower" or "no measurable difference": ``metric`` of ``a`` against ``b``, by whether the
-    two 95 % intervals overlap (see ``interval``). Explained in notebook 01, section 3."""
+    """"higher", "lower" or "no measurable difference": ``metric`` of ``a`` against ``b``.
+
+    Two results scored on the same items (accuracy on the same test items, probes kept of the same known
+    probes) are compared item by item: the exact McNemar test at the 5 % level (``paired_test``). Otherwise
+    (means over seeds, KL) by whether the two 95 % intervals overlap (see ``interval``), a cautious rule.
+    Explained in notebook 01, section 3."""
+    counts = paired_counts(a, b, metric)
+    if counts is not None:
+        only_a, only_b = counts
+        if paired_test(only_a, only_b) < 0.05:
+            return "higher" if only_a > only_b else "lower"
+        return "no measurable difference"
     _, low_a, high_a = interval(a, metric)
     _, low_b, high_b = interval(b, metric)
     if low_a > high_b:
@@ -296,6 +356,8 @@ def forgetting(base, tuned, tokenizer, probes=None, prose: str | None = None, ba
     drop = [base_scores[i]["logprob"] - tuned_scores[i]["logprob"] for i in known]
     return {
         "probes_known_by_base": len(known),
+        "probes_known_items": fingerprint(probes[i]["prompt"] for i in known),
+        "kept_greedy_bits": bits(tuned_scores[i]["greedy_right"] for i in known),
         "probes_total": len(probes),
         "kept_greedy": len(kept) / len(known) if known else float("nan"),
         "kept_logprob": len(kept_lp) / len(known) if known else float("nan"),
@@ -376,7 +438,8 @@ def evaluate_run(run, base, tuned, tokenizer, task, base_scores=None, limit: int
     limit = limit if limit is not None else (48 if data_mod.quick_mode() else None)
     acc = accuracy(tuned, tokenizer, task, "test", limit=limit)
     forgot = forgetting(base, tuned, tokenizer, probes=probes, base_scores=base_scores, prose_tokens=prose_tokens)
-    run.metrics = {"accuracy": acc["accuracy"], "test_n": acc["n"], **forgot}
+    run.metrics = {"accuracy": acc["accuracy"], "test_n": acc["n"], "test_correct": acc["correct"],
+                   "test_items": acc["items"], **forgot}
     train.save_run(run)
     return run.metrics
 

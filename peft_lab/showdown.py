@@ -118,17 +118,29 @@ def frontier_verdicts(rows, a: str, b: str, task_name: str) -> list:
     lines = [f"At its best learning rate (by validation), {name_a} (lr {runlog.short_number(best_a['lr'])}) reached "
              f"{fmt(best_a['accuracy'])}: {measure.versus(best_a['accuracy'], best_b['accuracy'], name_b)} "
              f"(lr {runlog.short_number(best_b['lr'])}, {fmt(best_b['accuracy'])}); its KL from the base was "
-             f"{measure.versus(best_a['kl'], best_b['kl'], name_b, 'kl')} ({best_a['kl']['mean']:.4f} vs {best_b['kl']['mean']:.4f})."]
+             f"{measure.versus(best_a['kl'], best_b['kl'], name_b, 'kl')} ({best_a['kl']['mean']:.4f} vs {best_b['kl']['mean']:.4f})"
+             + (f"; the share of the base's probes it kept (greedy) was "
+                f"{measure.versus(best_a['kept_greedy'], best_b['kept_greedy'], name_b, 'kept_greedy')} "
+                f"({fmt(best_a['kept_greedy'])} vs {fmt(best_b['kept_greedy'])})" if "kept_greedy" in best_a and "kept_greedy" in best_b else "")
+             + "."]
+    # KL and probes kept can disagree (KL sees every prose token move a little; a probe counts only when its
+    # answer flips), so both are counted
     matched = {"higher": 0, "lower": 0, "no measurable difference": 0}
+    kept = {"higher": 0, "lower": 0, "no measurable difference": 0}
     for ra in (r for r in rows if r["recipe"] == a and r["task"] == task_name):
         for rb in (r for r in rows if r["recipe"] == b and r["task"] == task_name):
             if measure.compare(ra["accuracy"], rb["accuracy"]) == "no measurable difference":
                 matched[measure.compare(ra["kl"], rb["kl"], "kl")] += 1
+                if "kept_greedy" in ra and "kept_greedy" in rb:
+                    kept[measure.compare(ra["kept_greedy"], rb["kept_greedy"], "kept_greedy")] += 1
     pairs = sum(matched.values())
     if pairs:
         lines.append(f"Of the {pairs} pairs of learning rates where the two reached accuracies with no measurable "
                      f"difference, {name_a} drifted further (higher KL) in {matched['higher']}, less far in "
                      f"{matched['lower']}, and no measurably different in {matched['no measurable difference']}.")
+        if sum(kept.values()):
+            lines.append(f"In the same pairs, {name_a} kept more of the base's probes in {kept['higher']}, fewer in "
+                         f"{kept['lower']}, and no measurably different in {kept['no measurable difference']}.")
     else:
         lines.append(f"No learning rate of {name_a} matched one of {name_b} in accuracy, so the grid cannot "
                      "compare their forgetting at equal learning.")

@@ -202,7 +202,7 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
     stream = data_mod.endless_batches(task.train, task, tokenizer, batch_size, max_length, seed)
     measure_at = min(1, steps - 1)  # the memory breakdown is taken in the first step after warm-up
     tuned.train()
-    bar = _progress(steps, progress, record.method)
+    bar = _progress(steps, progress, record.label)
     try:
         with PeakMemory(device) as peak:
             for step in range(steps):

@@ -93,6 +93,15 @@ def test_frontier_sentences_follow_the_numbers():
     assert "cannot compare their forgetting" in showdown.frontier_verdicts(apart, "lora-all", "full", "t")[1]
 
 
+def test_frontier_sentences_report_probes_kept_beside_the_kl():
+    def with_kept(row, share):
+        return dict(row, kept_greedy={"mean": share, "low": share - 0.05, "high": share + 0.05, "n": 3})
+    rows = [with_kept(_row("lora-all", 1e-3, 0.80, 0.020), 0.79), with_kept(_row("full", 1e-4, 0.81, 0.0205), 0.97)]
+    lines = showdown.frontier_verdicts(rows, "lora-all", "full", "t")
+    assert "probes it kept (greedy) was lower than full fine-tuning (79.0%" in lines[0]  # KL alone would hide this
+    assert len(lines) == 3 and "kept more of the base's probes in 0, fewer in 1" in lines[2]
+
+
 def test_time_to_accuracy_counts_training_seconds_and_reports_a_miss(tiny_llama, tokenizer, task):
     out = showdown.time_to_accuracy("lora-qv", 1e-2, tiny_llama, tokenizer, task, target=2.0, steps=4, every=2, val_limit=None)
     assert [round(s, 6) >= 0 for s, _ in out["curve"]] == [True, True] and out["seconds_to_target"] is None

@@ -126,6 +126,39 @@ def test_verdict_wording_follows_the_intervals():
     assert measure.verdict({"accuracy": 0.95, "test_n": 600}, acc(520, 600)) == "higher"  # a run's metrics work too
 
 
+def test_paired_verdict_sees_a_difference_that_overlapping_intervals_hide():
+    # 640 shared items: a right on 548 (85.6 %), b on 579 (90.5 %); b alone right on 40, a alone on 9
+    a = "1" * 539 + "1" * 9 + "0" * 40 + "0" * 52
+    b = "1" * 539 + "0" * 9 + "1" * 40 + "0" * 52
+    run_a = {"accuracy": a.count("1") / 640, "test_n": 640, "test_correct": a, "test_items": "x"}
+    run_b = {"accuracy": b.count("1") / 640, "test_n": 640, "test_correct": b, "test_items": "x"}
+    unpaired = [{k: v for k, v in r.items() if k != "test_correct"} for r in (run_a, run_b)]
+    assert measure.verdict(*unpaired) == "no measurable difference"  # the 95 % intervals overlap
+    assert measure.paired_counts(run_a, run_b) == (9, 40)
+    assert measure.paired_test(9, 40) < 0.001
+    assert measure.verdict(run_a, run_b) == "lower" and measure.verdict(run_b, run_a) == "higher"
+    # other items: no pairing, back to the intervals
+    assert measure.verdict(run_a, dict(run_b, test_items="y")) == "no measurable difference"
+    # a few disagreements either way: no measurable difference, though the accuracies differ
+    c = "1" * 539 + "1" * 3 + "0" * 8 + "0" * 90
+    d = "1" * 539 + "0" * 3 + "1" * 8 + "0" * 90
+    assert measure.paired_test(3, 8) > 0.05
+    assert measure.verdict({"accuracy": 0, "n": 640, "correct": c, "items": "x"},
+                           {"accuracy": 1, "n": 640, "correct": d, "items": "x"}) == "no measurable difference"
+    assert measure.paired_test(0, 0) == 1.0
+    assert measure.paired_test(0, 6) == pytest.approx(2 / 64)  # exact binomial, two-sided
+
+
+def test_accuracy_and_forgetting_keep_right_and_wrong_per_item(tiny_llama, tokenizer, task):
+    result = measure.accuracy(tiny_llama, tokenizer, task, "test")
+    assert len(result["correct"]) == result["n"] and result["correct"].count("1") == round(result["accuracy"] * result["n"])
+    assert result["items"] == measure.accuracy(tiny_llama, tokenizer, task, "test")["items"]
+    assert result["items"] != measure.accuracy(tiny_llama, tokenizer, task, "val")["items"]
+    assert measure.verdict(result, result) == "no measurable difference"
+    forgot = measure.forgetting(tiny_llama, tiny_llama, tokenizer, prose_tokens=256)
+    assert forgot["kept_greedy_bits"] == "1" * forgot["probes_known_by_base"]
+
+
 def test_lr_scale_gives_lora_b_its_own_learning_rate(tiny_llama, tokenizer, task):
     tuned = lora.apply(models.frozen_copy(tiny_llama), rank=2, targets=["q_proj", "v_proj"])
     run = train.fit(tuned, tokenizer, task, steps=1, lr=1e-3, lr_scale={"lora_B": 16}, progress=False, log=False)
@@ -218,9 +251,10 @@ def test_versus_reads_as_a_sentence():
 def test_fit_prints_one_summary_line_when_progress_is_on(tiny_llama, tokenizer, task, isolated_run_log, capsys):
     from peft_lab import lora, train
 
-    run = train.fit(lora.apply(tiny_llama, rank=2), tokenizer, task, steps=3, lr=1e-3, method="lora")
-    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("training lora:")]
-    assert lines == [f"training lora: 3 steps, {run.seconds_per_step:.2f} s/step, "
+    run = train.fit(lora.apply(tiny_llama, rank=2), tokenizer, task, steps=3, lr=1e-3, method="lora", label="lora r=2, lr 1e-3")
+    # the line names the run by its label, so runs of one method with different settings read apart
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("training ")]
+    assert lines == [f"training lora r=2, lr 1e-3: 3 steps, {run.seconds_per_step:.2f} s/step, "
                      f"loss {run.losses[0]:.2f} → {run.losses[-1]:.2f}"]
     train.fit(tiny_llama, tokenizer, task, steps=2, lr=1e-3, progress=False)
     assert "training" not in capsys.readouterr().out
