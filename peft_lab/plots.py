@@ -5,6 +5,7 @@ Used from notebook 00 onwards; every figure is drawn from measured run records, 
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 
 from . import measure, runlog
 
@@ -53,9 +54,11 @@ def memory_breakdown(runs, ax=None):
     runs = runs if isinstance(runs, (list, tuple)) else [runs]
     ax = _axes(ax, (max(5, 1.6 * len(runs)), 3.8))
     mib = 2 ** 20
+    # a part no run has (weight casts are made only under autocast) gets no legend entry
+    parts = [p for p in MEMORY_PARTS if any(run.memory.get(p) for run in runs)]
     for i, run in enumerate(runs):
         bottom = 0.0
-        for part in MEMORY_PARTS:
+        for part in parts:
             value = (run.memory.get(part) or 0) / mib  # older runs have no weight casts recorded
             ax.bar(i, value, bottom=bottom, color=COLORS[part], label=part.replace("_", " ") if i == 0 else None)
             bottom += value
@@ -311,17 +314,24 @@ def scorecard(rows: list, labels: list, zero_shot: dict | None = None, title: st
 
 def frontier(rows: list, recipes: dict, task_name: str, zero_shot: dict | None = None):
     """Learn against forget: one curve per method through its learning rates (seed means, 95 % intervals
-    both ways), accuracy up, KL from the base (left panel) and fact probes kept (right panel) across.
-    Explained in notebook 05_showdown, section 3."""
+    both ways), accuracy up, forgetting across: KL from the base (left panel, log scale: the learning rates
+    spread it over decades) and the share of fact probes lost (right panel). Forgetting grows to the right in
+    both. Explained in notebook 05_showdown, section 3."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
-    for panel, (metric, xlabel) in zip(axes, [("kl", "KL(base || tuned) per token: forgetting →"),
-                                              ("kept_greedy", "← forgetting: fact probes kept")]):
+    # metric -> (x label, the x value and its interval from a seed summary)
+    panels = [("kl", "KL(base || tuned) per token, log scale: forgetting →",
+               lambda s: (s["mean"], max(s["low"], s["mean"] / 10), s["high"])),  # a log axis cannot show 0
+              ("kept_greedy", "share of the base's fact probes lost (greedy): forgetting →",
+               lambda s: (1 - s["mean"], 1 - s["high"], 1 - s["low"]))]
+    for panel, (metric, xlabel, x_of) in zip(axes, panels):
         for color, (recipe, name) in zip(PALETTE, recipes.items()):
-            mine = sorted((r for r in rows if r["recipe"] == recipe and r["task"] == task_name), key=lambda r: r["lr"])
+            mine = sorted((r for r in rows if r["recipe"] == recipe and r["task"] == task_name and metric in r),
+                          key=lambda r: r["lr"])
             if not mine:
                 continue
-            xs, ys = [r[metric]["mean"] for r in mine], [r["accuracy"]["mean"] for r in mine]
-            panel.errorbar(xs, ys, xerr=[[x - r[metric]["low"] for x, r in zip(xs, mine)], [r[metric]["high"] - x for x, r in zip(xs, mine)]],
+            xs_ = [x_of(r[metric]) for r in mine]
+            xs, ys = [x for x, _, _ in xs_], [r["accuracy"]["mean"] for r in mine]
+            panel.errorbar(xs, ys, xerr=[[x - low for x, low, _ in xs_], [high - x for x, _, high in xs_]],
                            yerr=[[y - r["accuracy"]["low"] for y, r in zip(ys, mine)], [r["accuracy"]["high"] - y for y, r in zip(ys, mine)]],
                            fmt="o-", color=color, capsize=3, label=name)
             for x, y, r in zip(xs, ys, mine):
@@ -330,8 +340,9 @@ def frontier(rows: list, recipes: dict, task_name: str, zero_shot: dict | None =
             panel.axhline(zero_shot["accuracy"], color="gray", ls="--", label=f"zero-shot {zero_shot['accuracy']:.1%}")
         panel.set_xlabel(xlabel)
         panel.set_ylabel("test accuracy (mean over seeds)")
-    axes[0].set_xlim(left=0)
-    axes[1].invert_xaxis()  # forgetting grows to the right in both panels
+    axes[0].set_xscale("log")
+    axes[1].set_xlim(left=-0.01)  # shares lost start at 0
+    axes[1].xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(f"Learning against forgetting on {task_name}: each point one learning rate, 95 % intervals over seeds")
     fig.tight_layout()

@@ -268,3 +268,13 @@ def test_the_summary_line_of_an_interrupted_run_says_how_far_it_got():
     assert train._summary_line("lora", record, 60) == "training lora: stopped before the first of 60 steps"
     record.losses, record.step_seconds = [4.91, 3.5], [1.0, 1.3]
     assert train._summary_line("lora", record, 60) == "training lora: stopped after 2 of 60 steps, 1.30 s/step, loss 4.91 → 3.50"
+
+
+def test_the_summary_line_averages_the_loss_over_a_few_steps_of_a_long_run():
+    from peft_lab import train
+    from peft_lab.runlog import RunRecord
+
+    record = RunRecord(method="lora", task="tiny", config={}, trainable_params=1, total_params=1)
+    record.losses = [5.0, 4.0, 5.0, 4.0, 5.0] + [1.0] * 10 + [0.5, 0.1, 0.5, 0.1, 0.3]  # 20 steps: 5 at each end
+    record.step_seconds = [1.0] * 20
+    assert train._summary_line("lora", record, 20).endswith("loss 4.60 → 0.30 (means of the first and last 5 steps)")
