@@ -67,7 +67,7 @@ def accuracy(tuned, tokenizer, task, split: str = "test", limit: int | None = No
     device = data_mod.device_of(tuned)
     verbal = torch.tensor(data_mod.verbalizer_ids(task, tokenizer), device=device)
     tuned.eval()
-    correct, predictions, right = 0, [], []
+    predictions, right = [], []
     loss_full = loss_label = mass = 0.0
     for batch in data_mod.batches(examples, task, tokenizer, batch_size, max_length):
         batch = data_mod.to_device(batch, device)
@@ -75,7 +75,6 @@ def accuracy(tuned, tokenizer, task, split: str = "test", limit: int | None = No
             logits = train.label_logits(tuned, batch).float()
         scores = logits[:, verbal]
         pred = scores.argmax(-1)
-        correct += int((pred == batch["label"]).sum())
         predictions += pred.tolist()
         right += (pred == batch["label"]).tolist()
         # the two losses of notebook 00, section 4: over the whole vocabulary (what training minimises)
@@ -84,7 +83,7 @@ def accuracy(tuned, tokenizer, task, split: str = "test", limit: int | None = No
         loss_label += float(F.cross_entropy(scores, batch["label"], reduction="sum"))
         mass += float(logits.softmax(-1)[:, verbal].sum())
     n = len(examples)
-    return {"accuracy": correct / n, "n": n, "predictions": [task.labels[i] for i in predictions],
+    return {"accuracy": sum(right) / n, "n": n, "predictions": [task.labels[i] for i in predictions],
             "correct": bits(right), "items": items,
             "loss_full_vocabulary": loss_full / n, "loss_label_words": loss_label / n, "label_word_mass": mass / n}
 
