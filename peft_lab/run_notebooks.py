@@ -39,6 +39,54 @@ def drop_training_bars(nb) -> int:
     return removed
 
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+MODEL_REFERENCE = re.compile(r"IPY_MODEL_([0-9a-f]+)")
+
+
+def _referenced_models(value, found: set) -> None:
+    """Every widget model ``value`` names: a view's ``model_id``, or a child written as "IPY_MODEL_<id>"."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == "model_id" and isinstance(item, str):
+                found.add(item)
+            else:
+                _referenced_models(item, found)
+    elif isinstance(value, list):
+        for item in value:
+            _referenced_models(item, found)
+    elif isinstance(value, str):
+        found.update(MODEL_REFERENCE.findall(value))
+
+
+def drop_unshown_widgets(nb) -> int:
+    """Remove from the saved widget state every model no output shows; returns how many were removed.
+
+    The kernel reports each widget it made, so the state nbclient saves still holds the erased training bars
+    (their bar, labels, layouts and styles: about a dozen models per run). No output shows them any more,
+    but they make up most of the saved state. Kept: the models the remaining outputs display, and every
+    model those name (a panel's sliders, its layouts and styles, the output area inside it)."""
+    state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state")
+    if not state:
+        return 0
+    keep, todo = set(), set()
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            _referenced_models(output.get("data", {}).get(WIDGET_VIEW, {}), todo)
+    while todo:
+        model = todo.pop()
+        if model in keep or model not in state:
+            continue
+        keep.add(model)
+        named = set()
+        _referenced_models(state[model], named)
+        todo |= named - keep
+    unshown = [m for m in state if m not in keep]
+    for model in unshown:
+        del state[model]
+    return len(unshown)
+
+
 def run(paths, out: Path, timeout: int = 3600) -> dict:
     import nbformat
     from nbclient import NotebookClient
@@ -59,6 +107,7 @@ def run(paths, out: Path, timeout: int = 3600) -> dict:
             print(f"  FAILED: {failed[path.name]}", flush=True)
         seconds[path.name] = time.perf_counter() - started
         drop_training_bars(nb)
+        drop_unshown_widgets(nb)
         nbformat.write(nb, out / "notebooks" / path.name)
         n = 0
         for cell in nb.cells:

@@ -64,10 +64,16 @@ class RunRecord:
             return float("nan")
         return sum(self.tokens_per_step[1:]) / sum(self.step_seconds[1:])
 
-    def summary(self) -> dict:
-        return {"method": self.method, "label": self.label, "trainable": self.trainable_params,
-                "s/step": round(self.seconds_per_step, 3), "tokens/s": round(self.tokens_per_second, 1),
-                "final loss": round(sum(self.losses[-5:]) / max(1, len(self.losses[-5:])), 4), **self.metrics}
+    def loss_start_end(self, label_words: bool = False) -> tuple:
+        """(mean loss over the first k steps, over the last k steps, k), with k = min(5, a quarter of the steps).
+
+        One batch's loss is noisy (8 reviews), so where a run started and ended is read from a few steps each.
+        ``label_words``: the loss over the label words alone (``label_losses``) instead of the whole vocabulary."""
+        losses = self.label_losses if label_words else self.losses
+        if not losses:
+            raise ValueError(f"Run {self.label!r} recorded no {'label-word ' if label_words else ''}losses: it trained no step.")
+        k = max(1, min(5, len(losses) // 4))
+        return sum(losses[:k]) / k, sum(losses[-k:]) / k, k
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -347,8 +347,6 @@ def _summary_line(label: str, record, steps: int) -> str:
     if done == 0:
         return f"training {label}: stopped before the first of {steps} steps"
     ran = f"{done} steps" if done == steps else f"stopped after {done} of {steps} steps"
-    # one batch's loss is noisy (8 reviews); over a longer run, the means of the first and last few steps
-    k = max(1, min(5, done // 4))
-    first, last = sum(record.losses[:k]) / k, sum(record.losses[-k:]) / k
+    first, last, k = record.loss_start_end()
     return (f"training {label}: {ran}, {record.seconds_per_step:.2f} s/step, loss {first:.2f} → {last:.2f}"
             + (f" (means of the first and last {k} steps)" if k > 1 else ""))

@@ -43,3 +43,28 @@ def test_the_erased_training_bars_are_not_saved_but_everything_else_is():
     nb.cells[0].outputs = [bar, summary, panel, printed]
     assert run_notebooks.drop_training_bars(nb) == 1
     assert nb.cells[0].outputs == [summary, panel, printed]
+
+
+def test_widget_state_keeps_what_outputs_show_and_drops_the_erased_bars():
+    view = lambda model: nbformat.v4.new_output("display_data", data={
+        "application/vnd.jupyter.widget-view+json": {"model_id": model, "version_major": 2, "version_minor": 0},
+        "text/plain": "VBox(children=(...))"})
+    state = {
+        "panel": {"model_name": "VBoxModel", "state": {"children": ["IPY_MODEL_a1", "IPY_MODEL_b2"], "layout": "IPY_MODEL_c3"}},
+        "a1": {"model_name": "IntSliderModel", "state": {"style": "IPY_MODEL_d4"}},
+        "b2": {"model_name": "OutputModel", "state": {"outputs": [{"output_type": "display_data", "data": {
+            "application/vnd.jupyter.widget-view+json": {"model_id": "e5"}}}]}},
+        "c3": {"model_name": "LayoutModel", "state": {}},
+        "d4": {"model_name": "SliderStyleModel", "state": {}},
+        "e5": {"model_name": "HTMLModel", "state": {"value": "inside the output area"}},
+        "f6": {"model_name": "HBoxModel", "state": {"children": ["IPY_MODEL_f7"]}},   # an erased bar
+        "f7": {"model_name": "FloatProgressModel", "state": {"value": 60}},
+    }
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["widgets"] = {"application/vnd.jupyter.widget-state+json": {"state": state, "version_major": 2, "version_minor": 0}}
+    nb.cells = [nbformat.v4.new_code_cell("panel")]
+    nb.cells[0].outputs = [view("panel")]
+    assert run_notebooks.drop_unshown_widgets(nb) == 2
+    kept = nb.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert set(kept) == {"panel", "a1", "b2", "c3", "d4", "e5"}
+    assert run_notebooks.drop_unshown_widgets(nbformat.v4.new_notebook()) == 0   # no widgets at all: nothing to do

@@ -278,3 +278,8 @@ def test_the_summary_line_averages_the_loss_over_a_few_steps_of_a_long_run():
     record.losses = [5.0, 4.0, 5.0, 4.0, 5.0] + [1.0] * 10 + [0.5, 0.1, 0.5, 0.1, 0.3]  # 20 steps: 5 at each end
     record.step_seconds = [1.0] * 20
     assert train._summary_line("lora", record, 20).endswith("loss 4.60 → 0.30 (means of the first and last 5 steps)")
+    record.label_losses = [0.8] * 5 + [0.1] * 15
+    assert record.loss_start_end(label_words=True) == (0.8, 0.1, 5)   # the label-word loss, read the same way
+    record.label_losses = []
+    with pytest.raises(ValueError, match="no label-word losses"):
+        record.loss_start_end(label_words=True)
