@@ -20,6 +20,10 @@ from pathlib import Path
 # without running it (GitHub, a static viewer) the bar shows frozen at 0 %.
 TRAINING_BAR = re.compile(r"^training .*\d+%\|.*\| *\d+/\d+")
 
+WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+MODEL_REFERENCE = re.compile(r"IPY_MODEL_([0-9a-f]+)")
+
 
 def drop_training_bars(nb) -> int:
     """Remove the erased training progress bars from ``nb``'s outputs; returns how many were removed."""
@@ -30,18 +34,13 @@ def drop_training_bars(nb) -> int:
             data = output.get("data", {})
             text = data.get("text/plain", "")
             text = "".join(text) if isinstance(text, list) else text
-            if "application/vnd.jupyter.widget-view+json" in data and TRAINING_BAR.match(text):
+            if WIDGET_VIEW in data and TRAINING_BAR.match(text):
                 removed += 1
             else:
                 kept.append(output)
         if "outputs" in cell:
             cell["outputs"] = kept
     return removed
-
-
-WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
-WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
-MODEL_REFERENCE = re.compile(r"IPY_MODEL_([0-9a-f]+)")
 
 
 def _referenced_models(value, found: set) -> None:
