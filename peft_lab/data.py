@@ -252,15 +252,30 @@ def fact_training_texts(facts: list) -> list:
     return [f["train"] for f in facts]
 
 
-def fact_task(facts: list, name: str = "fictional_facts") -> Task:
+def fact_task(facts: list, name: str = "fictional_facts", validation: bool = False) -> Task:
     """New knowledge as a task: train on the facts' sentences (every token, like pre-training), test on their
     held-out questions (a fact counts as learned when the greedy answer is right).
 
+    ``validation=True`` keeps each fact's first question apart as a validation item and tests on the others,
+    so a learning rate can be chosen without looking at the test questions (notebook 05_showdown, section 3).
     Explained in notebook 02_lora, section 5b."""
     if not facts:
         raise ValueError("fact_task needs at least one fact: pass data.load_facts() or a slice of it.")
-    return Task(name, [(text, None) for text in fact_training_texts(facts)], [], fact_questions(facts), {},
-                template="{text}")
+    train = [(text, None) for text in fact_training_texts(facts)]
+    if not validation:
+        return Task(name, train, [], fact_questions(facts), {}, template="{text}")
+    first = [dict(f, questions=f["questions"][:1]) for f in facts]
+    rest = [dict(f, questions=f["questions"][1:]) for f in facts]
+    return Task(name, train, fact_questions(first), fact_questions(rest), {}, template="{text}")
+
+
+def first_facts_task(n: int) -> Task:
+    """The first ``n`` invented facts as a task with a validation split (``fact_task(..., validation=True)``),
+    named after ``n`` so that a notebook and the study command line find each other's runs in the run log."""
+    facts = load_facts()
+    if not 1 <= n <= len(facts):
+        raise ValueError(f"Ask for between 1 and {len(facts)} facts (the invented world has {len(facts)}), not {n}.")
+    return fact_task(facts[:n], name=f"fictional_facts_{n}", validation=True)
 
 
 def fact_questions(facts: list) -> list:

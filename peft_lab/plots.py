@@ -312,11 +312,13 @@ def scorecard(rows: list, labels: list, zero_shot: dict | None = None, title: st
     return fig
 
 
-def frontier(rows: list, recipes: dict, task_name: str, zero_shot: dict | None = None):
+def frontier(rows: list, recipes: dict, task_name: str, zero_shot: dict | None = None,
+             accuracy_label: str = "test accuracy"):
     """Learn against forget: one curve per method through its learning rates (seed means, 95 % intervals
     both ways), accuracy up, forgetting across: KL from the base (left panel, log scale: the learning rates
     spread it over decades) and the share of fact probes lost (right panel). Forgetting grows to the right in
-    both. Explained in notebook 05_showdown, section 3."""
+    both. ``accuracy_label`` names the vertical axis ("facts learned" for new knowledge). Explained in notebook
+    05_showdown, section 3."""
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2))
     # metric -> (x label, the x value and its interval from a seed summary)
     panels = [("kl", "KL(base || tuned) per token, log scale: forgetting →",
@@ -339,7 +341,7 @@ def frontier(rows: list, recipes: dict, task_name: str, zero_shot: dict | None =
         if zero_shot is not None:
             panel.axhline(zero_shot["accuracy"], color="gray", ls="--", label=f"zero-shot {zero_shot['accuracy']:.1%}")
         panel.set_xlabel(xlabel)
-        panel.set_ylabel("test accuracy (mean over seeds)")
+        panel.set_ylabel(f"{accuracy_label} (mean over seeds)")
     axes[0].set_xscale("log")
     axes[1].set_xlim(left=-0.01)  # shares lost start at 0
     axes[1].xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))

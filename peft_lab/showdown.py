@@ -248,7 +248,7 @@ def time_to_accuracy(recipe: str, lr: float, base, tokenizer, task, target: floa
 
     Returns the curve [(training seconds so far, accuracy)] and the training seconds at which accuracy first
     reached ``target`` (None if it never did). Training seconds count the steps only, not the measuring.
-    Explained in notebook 05_showdown, section 6."""
+    Notebook 05 runs it once per seed through ``time_to_accuracy_over_seeds``."""
     torch.manual_seed(seed)
     tuned = study.RECIPES[recipe](base, tokenizer, task.name)
     curve = []
@@ -266,6 +266,49 @@ def time_to_accuracy(recipe: str, lr: float, base, tokenizer, task, target: floa
     del tuned
     return {"recipe": recipe, "lr": lr, "curve": curve, "seconds_to_target": reached,
             "s_per_step": run.seconds_per_step}
+
+
+def time_to_accuracy_over_seeds(recipe: str, lr: float, base, tokenizer, task, target: float, steps: int,
+                                every: int, val_limit: int, seeds=(0, 1, 2)) -> dict:
+    """``time_to_accuracy`` once per seed. Returns the per-seed results (``runs``), how many seeds reached the
+    target (``reached``) and the mean training seconds to the target over those seeds with its 95 % interval
+    (``seconds``, a ``measure.mean_interval``; None when no seed reached it). Explained in notebook
+    05_showdown, section 6."""
+    runs = [time_to_accuracy(recipe, lr, base, tokenizer, task, target, steps, every, val_limit, seed=s) for s in seeds]
+    times = [r["seconds_to_target"] for r in runs if r["seconds_to_target"] is not None]
+    return {"recipe": recipe, "lr": lr, "runs": runs, "reached": len(times), "seeds": len(runs),
+            "seconds": measure.mean_interval(times) if times else None}
+
+
+def time_verdict(a: dict, b: dict) -> str:
+    """A sentence, from ``time_to_accuracy_over_seeds`` results, on whether ``a`` reached the target sooner than
+    ``b``. The seed means are compared only when every seed of both reached the target: a mean over the seeds
+    that happened to get there would flatter a method that often does not."""
+    name_a, name_b = NAMES.get(a["recipe"], a["recipe"]), NAMES.get(b["recipe"], b["recipe"])
+    if a["reached"] < a["seeds"] or b["reached"] < b["seeds"]:
+        return (f"{name_a} reached the target in {a['reached']} of {a['seeds']} seeds, {name_b} in {b['reached']} of "
+                f"{b['seeds']}: not every seed got there, so their times are not compared.")
+    word = measure.compare(a["seconds"], b["seconds"], "seconds")
+    sa, sb = a["seconds"], b["seconds"]
+    numbers = (f"{sa['mean']:.0f} s [{max(0, sa['low']):.0f}, {sa['high']:.0f}] against {sb['mean']:.0f} s "
+               f"[{max(0, sb['low']):.0f}, {sb['high']:.0f}], means over {a['seeds']} and {b['seeds']} seeds")
+    if word == "no measurable difference":
+        return f"{name_a} and {name_b} reached the target in times with no measurable difference ({numbers})."
+    return f"{name_a} reached the target {'later' if word == 'higher' else 'sooner'} than {name_b} ({numbers})."
+
+
+def training_minutes(points, rows) -> float:
+    """The training minutes a grid of ``study.Point``s would take at the seconds per step measured for each
+    recipe in ``rows`` (``study.summarize`` rows with ``s_per_step``; the mean over a recipe's rows): what a
+    notebook prints for a grid it skips on a slow machine."""
+    speed = {}
+    for r in rows:
+        if "s_per_step" in r:
+            speed.setdefault(r["recipe"], []).append(r["s_per_step"]["mean"])
+    missing = sorted({p.recipe for p in points} - set(speed))
+    if missing:
+        raise ValueError(f"No measured seconds per step for {missing} in these rows; run a grid with them first.")
+    return sum(p.steps * sum(speed[p.recipe]) / len(speed[p.recipe]) for p in points) / 60
 
 
 def train_prompts(base, tokenizer, tasks: dict, num_virtual_tokens: int, steps: int, lr: float, seed: int = 0) -> dict:

@@ -6,6 +6,7 @@ missing (an interrupted study picks up where it stopped, a finished one returns 
 
     python -m peft_lab.study --task reviews --recipes lora-qv full --lrs 1e-4 3e-4 --seeds 0 1 2 --steps 30
     python -m peft_lab.study ... --dry-run      # list what would be trained, and what is already in the log
+    python -m peft_lab.study --task facts --facts 64 --recipes full lora-all --lrs 1e-4 1e-3 --steps 64   # new knowledge
 
 Runs are logged with the method word ``study:<recipe>``, so they never stand in for a notebook's baselines.
 """
@@ -185,7 +186,9 @@ def _widened(summary: dict, members, metric: str) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Run (or resume) a grid of training runs; see peft_lab/study.py.")
-    parser.add_argument("--task", default="reviews")
+    parser.add_argument("--task", default="reviews", help="a task of data.load_task, or 'facts' (new knowledge)")
+    parser.add_argument("--facts", type=int, default=None,
+                        help="with --task facts: learn the first N invented facts (each fact's first question validates)")
     parser.add_argument("--recipes", nargs="+", default=["lora-qv"], choices=sorted(RECIPES))
     parser.add_argument("--lrs", nargs="+", type=float, required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -193,9 +196,12 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--dry-run", action="store_true", help="list the runs and which are logged; train nothing")
     args = parser.parse_args(argv)
+    if args.facts is not None and args.task != "facts":
+        parser.error("--facts N goes with --task facts (learn the first N invented facts).")
     points = grid(args.recipes, args.lrs, args.seeds, args.train_sizes or (None,), args.steps)
+    # the task before the model: a wrong name fails at once, not after a load
+    task = data_mod.first_facts_task(args.facts or 64) if args.task == "facts" else data_mod.load_task(args.task)
     base, tok = models.load()
-    task = data_mod.load_task(args.task)
     if args.dry_run:
         for p in points:
             print(("logged " if logged(p, task, getattr(base, "peft_lab_name", None)) else "to run ") + str(p))

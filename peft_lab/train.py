@@ -91,7 +91,10 @@ def count_saved_activations(params, cast_dtype: torch.dtype | None = None):
         return t
 
     def is_weight_cast(t) -> bool:
-        with torch.no_grad():
+        # Bookkeeping, not model arithmetic, so it runs past any TorchFunctionMode: the tests' pretend
+        # accelerator (accelerator_check.py) cannot see the weight casts autocast makes inside torch, and would
+        # take ``t`` for a host tensor meeting the model's weights. On a real device both are on the same one.
+        with torch.no_grad(), torch._C.DisableTorchFunction():
             return any(torch.equal(t, w.detach().to(cast_dtype)) or torch.equal(t, w.detach().t().to(cast_dtype))
                        for w in by_shape[tuple(t.shape)] if w.numel() == t.numel())
 

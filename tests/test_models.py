@@ -12,7 +12,8 @@ def test_unknown_name_lists_the_known_ones():
         models.load("my-favourite-model")
 
 
-def test_a_local_folder_loads_with_padding_on_the_right(tmp_path, tiny_llama, tokenizer):
+def test_a_local_folder_loads_with_padding_on_the_right(tmp_path, tiny_llama, tokenizer, monkeypatch):
+    monkeypatch.setenv(models.PRECISION_ENV, "fp32")  # a CPU with bf16 arithmetic would store the base in bf16
     tiny_llama.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     model, tok = models.load(str(tmp_path), device="cpu")
@@ -37,8 +38,12 @@ def test_missing_wheel_says_how_to_install_it(monkeypatch):
         models.embedded_gguf_path()
 
 
-def test_cpu_trains_in_fp32():
+def test_a_cpu_without_bf16_arithmetic_trains_in_fp32(monkeypatch):
+    monkeypatch.delenv(models.PRECISION_ENV, raising=False)
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: False)
     assert models.compute_dtype("cpu") == torch.float32
+    monkeypatch.setattr(models, "cpu_has_bf16", lambda: True)  # AVX512-BF16 or AMX: as on a bf16 GPU
+    assert models.compute_dtype("cpu") == torch.bfloat16
 
 
 def test_fresh_copy_is_independent(tiny_gpt2):

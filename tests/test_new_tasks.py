@@ -174,3 +174,16 @@ def test_fit_learns_a_text_task_and_accuracy_reads_its_questions(tiny_llama, tok
     assert result["n"] == len(task.test) and 0 <= result["accuracy"] <= 1
     with pytest.raises(ValueError, match="no 'val' examples"):
         measure.accuracy(tuned, tokenizer, task, "val")
+
+
+def test_a_fact_task_with_validation_keeps_each_facts_first_question_apart():
+    facts = data.load_facts()[:6]
+    task = data.fact_task(facts, validation=True)
+    assert [q["prompt"] for q in task.val] == [f["questions"][0] for f in facts]
+    assert [q["prompt"] for q in task.test] == [q for f in facts for q in f["questions"][1:]]
+    assert not {q["prompt"] for q in task.val} & {q["prompt"] for q in task.test}
+    assert task.train == data.fact_task(facts).train  # the same sentences to learn
+    named = data.first_facts_task(6)
+    assert named.name == "fictional_facts_6" and named.val == task.val and named.test == task.test
+    with pytest.raises(ValueError, match="between 1 and"):
+        data.first_facts_task(0)

@@ -41,7 +41,10 @@ def test_swapping_adapters_gives_each_its_own_accuracy_and_leaves_the_base_alone
     assert not lora.lora_layers(tiny_llama)
 
 
-def test_a_mixed_batch_answers_each_row_as_its_own_prompt_model_would(tiny_llama, tokenizer, task):
+def test_a_mixed_batch_answers_each_row_as_its_own_prompt_model_would(tiny_llama, tokenizer, task, monkeypatch):
+    # fp32, to check the maths to 1e-4: under bf16 autocast (a CPU with bf16 arithmetic) batches of other shapes
+    # round differently, by about 1e-3
+    monkeypatch.setenv(models.PRECISION_ENV, "fp32")
     other = data.Task("other", task.train, task.val, task.test, task.verbalizer, "Sentiment of this film: {text} Sentiment:")
     tasks = {"tiny": task, "other": other}
     prompts = {}
@@ -107,3 +110,38 @@ def test_time_to_accuracy_counts_training_seconds_and_reports_a_miss(tiny_llama,
     assert [round(s, 6) >= 0 for s, _ in out["curve"]] == [True, True] and out["seconds_to_target"] is None
     reached = showdown.time_to_accuracy("lora-qv", 1e-2, tiny_llama, tokenizer, task, target=0.0, steps=2, every=1, val_limit=None)
     assert reached["seconds_to_target"] == reached["curve"][0][0]
+
+
+def test_a_skipped_grid_is_costed_from_the_measured_seconds_per_step():
+    from peft_lab import study
+    rows = [dict(_row("full", 1e-4, 0.8, 0.01), s_per_step={"mean": 3.0}),
+            dict(_row("full", 1e-5, 0.7, 0.01), s_per_step={"mean": 5.0}),
+            dict(_row("lora-all", 1e-3, 0.8, 0.01), s_per_step={"mean": 2.0})]
+    points = study.grid(["full", "lora-all"], {"full": [1e-4], "lora-all": [1e-3, 3e-3]}, seeds=(0, 1), steps=60)
+    # full: 2 runs x 60 steps x 4 s (the mean of its rows); LoRA: 4 runs x 60 x 2 s
+    assert showdown.training_minutes(points, rows) == pytest.approx((2 * 60 * 4 + 4 * 60 * 2) / 60)
+    with pytest.raises(ValueError, match="No measured seconds per step for \\['prompt'\\]"):
+        showdown.training_minutes(study.grid(["prompt"], [1e-2], seeds=(0,)), rows)
+
+
+def test_time_to_accuracy_over_seeds_averages_the_seeds_that_reached_the_target(tiny_llama, tokenizer, task):
+    out = showdown.time_to_accuracy_over_seeds("lora-qv", 1e-2, tiny_llama, tokenizer, task, target=0.0, steps=2,
+                                               every=1, val_limit=None, seeds=(0, 1))
+    assert out["reached"] == out["seeds"] == 2 and [r["lr"] for r in out["runs"]] == [1e-2, 1e-2]
+    firsts = [r["curve"][0][0] for r in out["runs"]]
+    assert out["seconds"]["mean"] == pytest.approx(sum(firsts) / 2) and out["seconds"]["n"] == 2
+    missed = showdown.time_to_accuracy_over_seeds("lora-qv", 1e-2, tiny_llama, tokenizer, task, target=2.0, steps=2,
+                                                  every=1, val_limit=None, seeds=(0,))
+    assert missed["reached"] == 0 and missed["seconds"] is None
+
+
+def test_time_sentences_follow_the_numbers_and_skip_seeds_that_missed():
+    def result(recipe, mean, half, reached=3):
+        return {"recipe": recipe, "reached": reached, "seeds": 3,
+                "seconds": {"mean": mean, "low": mean - half, "high": mean + half, "n": reached}}
+    sooner = showdown.time_verdict(result("lora-all", 6, 1), result("full", 19, 2))
+    assert sooner.startswith("LoRA r=8 (all linear) reached the target sooner than full fine-tuning (6 s [5, 7] against 19 s")
+    assert "later than" in showdown.time_verdict(result("full", 19, 2), result("lora-all", 6, 1))
+    assert "no measurable difference" in showdown.time_verdict(result("lora-all", 10, 5), result("full", 12, 5))
+    missed = showdown.time_verdict(result("lora-all", 6, 1, reached=2), result("full", 19, 2))
+    assert "in 2 of 3 seeds" in missed and "not compared" in missed

@@ -103,3 +103,28 @@ def test_seed_means_keep_the_test_sets_own_uncertainty_and_stay_in_range():
     # two seeds far apart: the t-interval is huge, and it is cut to what a share and a KL can be
     assert apart["accuracy"]["low"] == 0.0 and apart["accuracy"]["high"] == 1.0
     assert apart["kl"]["low"] == 0.0
+
+
+def test_a_study_of_new_facts_chooses_its_learning_rate_on_the_validation_questions(tiny_llama, tokenizer):
+    from peft_lab import showdown
+    facts = data.first_facts_task(4)
+    runs = study.run(study.grid(["lora-all"], [1e-3, 1e-2], seeds=(0,), steps=2), tiny_llama, tokenizer, facts,
+                     progress=False, sizes={"prose_tokens": 64})
+    rows = study.summarize(runs)
+    assert len(rows) == 2 and all(r["task"] == "fictional_facts_4" and "val_accuracy" in r for r in rows)
+    assert all(run.metrics["val_n"] == 4 and run.metrics["test_n"] == len(facts.test) for run in runs)
+    best = showdown.best_by_validation(rows, "lora-all", facts.name)
+    assert best["val_accuracy"]["mean"] == max(r["val_accuracy"]["mean"] for r in rows)
+
+
+def test_command_line_studies_the_first_facts_and_refuses_facts_without_the_facts_task(tiny_llama, tokenizer,
+                                                                                       monkeypatch, capsys, count_fits):
+    monkeypatch.setattr(study.models, "load", lambda *a, **k: (tiny_llama, tokenizer))
+    study.main(["--task", "facts", "--facts", "5", "--recipes", "full", "--lrs", "1e-4", "--seeds", "0", "--dry-run"])
+    assert capsys.readouterr().out.strip().startswith("to run ")
+    loads = []
+    monkeypatch.setattr(study.models, "load", lambda *a, **k: loads.append(1))
+    with pytest.raises(SystemExit):
+        study.main(["--task", "reviews", "--facts", "5", "--lrs", "1e-4", "--dry-run"])
+    assert "--facts N goes with --task facts" in capsys.readouterr().err
+    assert loads == [] and sum(count_fits.values()) == 0  # refused before the model loads
