@@ -221,6 +221,32 @@ def frozen_copy(model):
     return clone
 
 
+def fp32_twin(model):
+    """A frozen fp32 copy of ``model``, for checks of the maths: on a device that stores the base in bf16, its
+    rounding (about 1e-2 on a logit) would hide an error of that size. Compute in fp32 with it under
+    ``fp32_compute()``. Explained in notebook 03_prefix_tuning, section 4."""
+    twin = fresh_copy(model)
+    twin.requires_grad_(False)
+    return twin
+
+
+class fp32_compute:
+    """Inside the block, compute in fp32 whatever the device would choose (``PEFT_LAB_PRECISION=fp32`` for the
+    block, the setting restored after). Models keep the dtype they are stored in: pair it with ``fp32_twin``."""
+
+    def __enter__(self):
+        self._before = os.environ.get(PRECISION_ENV)
+        os.environ[PRECISION_ENV] = "fp32"
+        return self
+
+    def __exit__(self, *exc):
+        if self._before is None:
+            os.environ.pop(PRECISION_ENV, None)
+        else:
+            os.environ[PRECISION_ENV] = self._before
+        return False
+
+
 def text_config(model):
     """The config of the language model itself (the text part of a multimodal config)."""
     cfg = model.config

@@ -86,3 +86,18 @@ def test_predicted_memory_per_precision():
     assert rows["frozen base in 4-bit"] < rows["frozen base in bfloat16"]
     full = measure.predicted_memory(total=1000, trainable=1000)
     assert len(set(full.values())) == 1  # full fine-tuning: 16 bytes a parameter in every row
+
+
+def test_maths_checks_run_in_fp32_on_an_fp32_twin_and_the_setting_comes_back(tiny_llama, monkeypatch):
+    monkeypatch.setenv(models.PRECISION_ENV, "bf16")
+    half = tiny_llama.to(torch.bfloat16)
+    twin = models.fp32_twin(half)
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in twin.parameters())
+    assert all(p.dtype == torch.bfloat16 for p in half.parameters())  # the base is untouched
+    with models.fp32_compute():
+        assert models.compute_dtype("cpu") == torch.float32
+    assert models.compute_dtype("cpu") == torch.bfloat16
+    monkeypatch.delenv(models.PRECISION_ENV)
+    with models.fp32_compute():
+        pass
+    assert models.PRECISION_ENV not in __import__("os").environ
