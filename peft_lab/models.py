@@ -12,6 +12,7 @@ when a network (or the Hugging Face cache) is there. Remote code is never run.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import shutil
@@ -85,8 +86,6 @@ def compute_dtype(device: torch.device | str) -> torch.dtype:
 
 def autocast(device: torch.device | str):
     """Autocast to ``compute_dtype(device)``, or nothing where that is fp32. Used for training and measuring alike."""
-    import contextlib
-
     device = torch.device(device)
     dtype = compute_dtype(device)
     if dtype == torch.float32:
@@ -230,21 +229,19 @@ def fp32_twin(model):
     return twin
 
 
-class fp32_compute:
+@contextlib.contextmanager
+def fp32_compute():
     """Inside the block, compute in fp32 whatever the device would choose (``PEFT_LAB_PRECISION=fp32`` for the
     block, the setting restored after). Models keep the dtype they are stored in: pair it with ``fp32_twin``."""
-
-    def __enter__(self):
-        self._before = os.environ.get(PRECISION_ENV)
-        os.environ[PRECISION_ENV] = "fp32"
-        return self
-
-    def __exit__(self, *exc):
-        if self._before is None:
+    before = os.environ.get(PRECISION_ENV)
+    os.environ[PRECISION_ENV] = "fp32"
+    try:
+        yield
+    finally:
+        if before is None:
             os.environ.pop(PRECISION_ENV, None)
         else:
-            os.environ[PRECISION_ENV] = self._before
-        return False
+            os.environ[PRECISION_ENV] = before
 
 
 def text_config(model):

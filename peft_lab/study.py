@@ -188,7 +188,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Run (or resume) a grid of training runs; see peft_lab/study.py.")
     parser.add_argument("--task", default="reviews", help="a task of data.load_task, or 'facts' (new knowledge)")
     parser.add_argument("--facts", type=int, default=None,
-                        help="with --task facts: learn the first N invented facts (each fact's first question validates)")
+                        help="with --task facts: learn the first N invented facts (default 64; each fact's first question validates)")
     parser.add_argument("--recipes", nargs="+", default=["lora-qv"], choices=sorted(RECIPES))
     parser.add_argument("--lrs", nargs="+", type=float, required=True)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
