@@ -154,9 +154,10 @@ def summarize(runs, metrics=("accuracy", "kl", "kept_greedy", "kept_logprob", "v
     for (recipe, lr, task_name), members in groups.items():
         row = {"recipe": recipe, "lr": lr, "task": task_name, "seeds": len(members)}
         for m in metrics:
-            values = [_value(r, m) for r in members if _value(r, m) is not None]
-            if values:
-                row[m] = _widened(measure.mean_interval(values), members, m)
+            # a share of nothing is NaN (no probe the base knew was measured): no value, not a zero
+            measured = [r for r in members if _value(r, m) is not None and _value(r, m) == _value(r, m)]
+            if measured:
+                row[m] = _widened(measure.mean_interval([_value(r, m) for r in measured]), measured, m)
         rows.append(row)
     return rows
 

@@ -105,6 +105,18 @@ def test_seed_means_keep_the_test_sets_own_uncertainty_and_stay_in_range():
     assert apart["kl"]["low"] == 0.0
 
 
+def test_a_seed_whose_base_knew_no_measured_probe_is_left_out_of_probes_kept_not_counted_as_zero():
+    def record(kept, known):
+        r = runlog.RunRecord(method="study:full", task="t", config={"lr": 1e-4, "seed": known}, trainable_params=1,
+                             total_params=2)
+        r.metrics = {"accuracy": 0.5, "test_n": 10, "kept_greedy": kept, "probes_known_by_base": known}
+        return r
+    row = study.summarize([record(0.75, 4), record(float("nan"), 0)], metrics=("accuracy", "kept_greedy"))[0]
+    assert row["kept_greedy"]["mean"] == 0.75 and row["kept_greedy"]["n"] == 1
+    nothing = study.summarize([record(float("nan"), 0)], metrics=("kept_greedy",))[0]
+    assert "kept_greedy" not in nothing
+
+
 def test_a_study_of_new_facts_chooses_its_learning_rate_on_the_validation_questions(tiny_llama, tokenizer):
     from peft_lab import showdown
     facts = data.first_facts_task(4)
