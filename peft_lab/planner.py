@@ -14,7 +14,7 @@ bytes one training step holds, split like ``train.fit`` measures them:
 Explained in notebook 05_showdown, section 7.
 
 ``check_against_measurement`` runs real steps with ``train.fit`` and sets each prediction beside the
-measurement; ``panel()`` is the interactive face, with the free Colab T4's 15 GiB drawn in.
+measurement; ``panel()`` is the interactive face, with the free Colab T4's 14.75 GiB drawn in.
 
     cfg = planner.load_config("qwen2.5-1.5b")
     planner.predict(cfg, "lora", base_precision="4-bit", batch=8, seq_len=512)["total"] / 2**30
@@ -36,8 +36,12 @@ METHODS = ("full", "lora", "prefix", "prompt")
 PRECISIONS = ("fp32", "bf16", "4-bit")
 LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PARTS = ("weights", "gradients", "optimizer", "weight_casts", "activations")
-T4_BYTES = 15 * 2 ** 30  # a free Colab T4: 15 GiB (it computes in fp16: the same 2 bytes as bf16)
 GiB = 2 ** 30
+# A free Colab T4 as PyTorch sees it: 14.75 GiB. The card is sold as "16 GB" and nvidia-smi shows 15,360 MiB, but
+# the memory CUDA reports to programs (cudaDeviceProp.totalGlobalMem, i.e. torch.cuda.get_device_properties(0)
+# .total_memory) is 14.75 GiB: TensorFlow's device log prints "Tesla T4 computeCapability: 7.5 ... deviceMemorySize:
+# 14.75GiB" (NVIDIA/DALI#1813). A T4 computes in fp16, the same 2 bytes a number as bf16.
+T4_BYTES = int(14.75 * GiB)
 
 
 # --- configs ------------------------------------------------------------------------------------
@@ -301,19 +305,35 @@ def largest_batch(cfg, method: str, base_precision: str, seq_len: int, limit: in
     return batch
 
 
+def gib(n_bytes: float) -> str:
+    """GiB as a short number: 14.75, 9.4, 45.3 (two decimals only where the second one is not zero)."""
+    text = f"{n_bytes / GiB:.2f}"
+    return text[:-1] if text.endswith("0") else text
+
+
+def base_precision(device) -> str:
+    """The planner's base precision for what ``models.compute_dtype`` picks on ``device``: "fp32", or "bf16" for
+    either half precision (a T4's fp16 base takes the same 2 bytes a number as bf16)."""
+    import torch
+
+    from . import models
+
+    return "fp32" if models.compute_dtype(device) == torch.float32 else "bf16"
+
+
 def answer(cfg, method: str, base_precision: str, batch: int, seq_len: int, limit: int = T4_BYTES, **settings) -> str:
-    """One sentence: does this fit on a free T4 (15 GiB), and if not, what would."""
+    """One sentence: does this fit on a free T4 (14.75 GiB as PyTorch sees it), and if not, what would."""
     total = predict(cfg, method, base_precision, batch, seq_len, **settings)["total"]
     name = _label(method, base_precision)
     if total <= limit:
-        return f"{name} fits on a free T4: {total / GiB:.1f} GiB of {limit / GiB:.0f} GiB at batch {batch} x {seq_len} tokens."
+        return f"{name} fits on a free T4: {total / GiB:.1f} GiB of {gib(limit)} GiB at batch {batch} x {seq_len} tokens."
     fitting = [(label, t) for label, t in options(cfg, batch, seq_len, **settings) if t <= limit]
     tip = (f"At batch {batch} x {seq_len}, what fits: " + "; ".join(f"{l} {t / GiB:.1f} GiB" for l, t in fitting[:4])
            if fitting else f"At batch {batch} x {seq_len} no method fits")
     smaller = largest_batch(cfg, method, base_precision, seq_len, limit, **settings)
     keep = (f"Keeping {name}, batch {smaller} fits." if smaller else
             f"{name} does not fit even at batch 1 at this length.")
-    return f"{name} does not fit on a free T4: {total / GiB:.1f} GiB > {limit / GiB:.0f} GiB. {tip}. {keep}"
+    return f"{name} does not fit on a free T4: {total / GiB:.1f} GiB > {gib(limit)} GiB. {tip}. {keep}"
 
 
 # --- against a real step ------------------------------------------------------------------------
@@ -435,7 +455,7 @@ def check_against_measurement(quick: bool = False, methods=None, precisions=None
 
 class PlannerPanel:
     """Dropdowns (model, method, precision) and sliders (batch, sequence length): a stacked bar per method
-    with the T4's 15 GiB drawn in, and the answer in words. ``controls`` and ``answer`` are there for tests."""
+    with the T4's 14.75 GiB drawn in, and the answer in words. ``controls`` and ``answer`` are there for tests."""
 
     def __init__(self, model: str = "smollm2-360m", method: str = "lora", precision: str = "bf16"):
         import ipywidgets as W
@@ -473,7 +493,7 @@ class PlannerPanel:
 
 
 def draw(model: str, precision: str, batch: int, seq_len: int, highlight: str | None = None, ax=None):
-    """A stacked bar per method (GiB by part) at one base precision, with the free T4's 15 GiB as a line."""
+    """A stacked bar per method (GiB by part) at one base precision, with the free T4's 14.75 GiB as a line."""
     import matplotlib.pyplot as plt
 
     from . import plots
@@ -490,7 +510,7 @@ def draw(model: str, precision: str, batch: int, seq_len: int, highlight: str | 
         if method == highlight:  # the chosen method: one outline around its whole bar
             ax.bar(i, bottom, fill=False, edgecolor="black", linewidth=1.5)
         labels.append(f"{method}\n{p} compute" if method == "full" else f"{method}\n{p} base")
-    ax.axhline(T4_BYTES / GiB, color="#b00", linestyle="--", linewidth=1, label="free T4 (15 GiB)")
+    ax.axhline(T4_BYTES / GiB, color="#b00", linestyle="--", linewidth=1, label=f"free T4 ({gib(T4_BYTES)} GiB)")
     ax.set_xticks(range(len(METHODS)), labels, fontsize=8)
     ax.set_ylabel("GiB per training step")
     ax.set_title(f"{model}, batch {batch} x {seq_len} tokens (predicted)")

@@ -126,8 +126,16 @@ def test_panel_builds_and_answers():
 
     matplotlib.use("Agg")
     panel = planner.panel()
+    before = panel.answer.value
     panel.controls["model"].value = "qwen2.5-7b"
-    assert "T4" in panel.answer.value
+    assert panel.answer.value != before  # the answer follows the controls
+    assert panel.answer.value == planner.answer("qwen2.5-7b", "lora", "bf16", 8, 512)
+    assert "> 14.75 GiB" in panel.answer.value  # the T4 as PyTorch sees it, not the 15 GiB of the label
+
+
+def test_the_t4_line_is_the_memory_cuda_reports():
+    assert planner.T4_BYTES == int(14.75 * 2 ** 30)
+    assert planner.gib(planner.T4_BYTES) == "14.75" and planner.gib(9.4 * 2 ** 30) == "9.4"
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "prompt"])

@@ -76,3 +76,17 @@ def test_the_learning_rate_trained_is_the_one_the_slider_shows(tiny_llama, token
     panel.controls["lr"].value = 10 ** -3.75
     panel.run_button.click()
     assert panel.runs[0].config["lr"] == 2e-4
+
+
+def test_the_widgets_under_test_are_the_expected_version():
+    # make test runs these tests twice: under the pinned ipywidgets 8 (requirements.txt) and under Colab's 7.7.1
+    # (PEFT_LAB_EXPECT_IPYWIDGETS, set by the Makefile's widget-test-colab), so each run says what it tested
+    import os
+    import re
+    from pathlib import Path
+
+    import ipywidgets
+
+    pinned = re.search(r"^ipywidgets==(\S+)", (Path(__file__).parent.parent / "requirements.txt").read_text(), re.M)
+    expected = os.environ.get("PEFT_LAB_EXPECT_IPYWIDGETS") or pinned.group(1)
+    assert ipywidgets.__version__ == expected, f"the widget tests ran under ipywidgets {ipywidgets.__version__}, not {expected}"
