@@ -10,7 +10,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 BUILD  := build
-NOTEBOOKS := $(sort $(wildcard notebooks/[0-9]*.ipynb))
+# make run NOTEBOOKS=02 (or "02 05", or paths) refreshes those alone; the default is every notebook
+NOTEBOOKS ?= $(sort $(wildcard notebooks/[0-9]*.ipynb))
+RUN_NOTEBOOKS := $(foreach n,$(NOTEBOOKS),$(or $(wildcard $(n)),$(wildcard notebooks/$(n)*.ipynb),$(error no notebook matches $(n))))
 
 .PHONY: run test unit lab venv clean browser-test widget-test-colab
 
@@ -31,7 +33,7 @@ $(STAMP): pyproject.toml requirements.txt
 run: $(STAMP)
 	mkdir -p $(BUILD)/notebooks $(BUILD)/figures
 	PEFT_LAB_RUNLOG=$(abspath $(BUILD))/runs.jsonl $(PY) -m peft_lab.run_notebooks \
-		--out $(BUILD) $(NOTEBOOKS)
+		--out $(BUILD) $(RUN_NOTEBOOKS)
 
 # PEFT_LAB_CHECK_DEVICES=1: the notebooks run on a pretend accelerator, so a cell that feeds the model
 # a CPU tensor fails here as it would on a GPU (peft_lab/accelerator_check.py)

@@ -118,7 +118,40 @@ def _hub_rows(hub_id: str, config: str | None, split: str, source):
         raise ValueError(f"Unsupported file type {source.suffix!r}: use .jsonl, .json, .csv, .tsv (or no suffix, "
                          "read as tab-separated) or .parquet")
     kwargs = {"delimiter": "\t", "quoting": 3} if tab_separated else {}  # quoting 3: quotes are plain text
-    return datasets.load_dataset(kind, data_files=str(source), split="train", **kwargs)
+    if source.stat().st_size == 0:
+        raise ValueError(f"{source} is empty: a task file needs a header and one row per example.")
+    try:
+        return datasets.load_dataset(kind, data_files=str(source), split="train", **kwargs)
+    except Exception as err:  # datasets wraps parse errors in its own exceptions
+        raise ValueError(f"Could not read {source} as {kind}: {type(err).__name__}: {err}") from None
+
+
+def _columns(rows, source, *needed) -> None:
+    """Refuse a local file that lacks a column the task reads, naming the columns it has."""
+    missing = [c for c in needed if c not in rows.column_names]
+    if missing:
+        raise ValueError(f"{source} has no column {', '.join(map(repr, missing))} (it has {rows.column_names}); "
+                         f"a file for this task needs the hub's columns: {', '.join(map(repr, needed))}.")
+
+
+def _label_name(label, label_names, source, row: int):
+    """The label's name for a number 0..n-1 (the hub's coding) or a name itself; anything else is refused."""
+    if isinstance(label, str) and label in label_names:
+        return label
+    if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(label_names):
+        return label_names[label]
+    raise ValueError(f"{source}, row {row + 1}: label {label!r} is not one of 0..{len(label_names) - 1} "
+                     f"({', '.join(label_names)}) nor one of those names.")
+
+
+MIN_ROWS = 10  # a 70/10/20 split of fewer leaves a split empty
+
+
+def _enough(pairs: list, source) -> list:
+    if len(pairs) < MIN_ROWS:
+        raise ValueError(f"{source} holds {len(pairs)} example(s); a task is cut 70/10/20 into training, validation "
+                         f"and test, which needs at least {MIN_ROWS}.")
+    return pairs
 
 
 def _split_70_10_20(pairs: list, seed: int):
@@ -138,11 +171,12 @@ def _sms_spam(source=None, seed: int = 123) -> Task:
     rows = _hub_rows("ucirvine/sms_spam", None, "train", source)
     text_col = "sms" if "sms" in rows.column_names else "SMS"
     label_col = "label" if "label" in rows.column_names else "Label"
-    pairs = []
-    for r in rows:
-        label = r[label_col]
-        label = {0: "ham", 1: "spam"}.get(label, label)
-        pairs.append((r[text_col].strip(), label))
+    if source is not None:
+        _columns(rows, source, text_col, label_col)
+    pairs = [(r[text_col].strip(), _label_name(r[label_col], ["ham", "spam"], source or "ucirvine/sms_spam", i))
+             for i, r in enumerate(rows)]
+    if source is not None:
+        _enough(pairs, source)
     spam = [p for p in pairs if p[1] == "spam"]
     ham = [p for p in pairs if p[1] == "ham"]
     ham = random.Random(seed).sample(ham, len(spam))
@@ -158,7 +192,9 @@ def _two_split_task(name, hub_id, text_col, label_names, verbalizer, template, s
         test_rows = _hub_rows(hub_id, None, "validation" if name == "sst2" else "test", None)
     else:  # one local file: cut it 70/10/20
         rows = _hub_rows(hub_id, None, "train", source)
-        pairs = [(r[text_col], label_names[r["label"]]) for r in rows]
+        _columns(rows, source, text_col, "label")
+        pairs = _enough([(r[text_col], _label_name(r["label"], label_names, source, i)) for i, r in enumerate(rows)],
+                        source)
         train, val, test = _split_70_10_20(pairs, seed)
         return Task(name, train, val, test, verbalizer, template)
     train = [(r[text_col], label_names[r["label"]]) for r in train_rows]
@@ -204,6 +240,9 @@ def load_task(name: str = "reviews", source=None) -> Task:
     }
     if name not in loaders:
         raise ValueError(f"Unknown task {name!r}. Choose one of: {', '.join(loaders)}.")
+    if source is not None and name in ("reviews", "review_domain"):
+        raise ValueError(f"{name!r} is the project's own data and reads no file; for your own file choose a task "
+                         "with the same columns (sst2, rotten_tomatoes, sms_spam, ag_news) and pass source= it.")
     return loaders[name]()
 
 

@@ -41,8 +41,9 @@ def parameters(model) -> dict:
 
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple:
     """The 95 % Wilson interval of an accuracy of ``correct`` out of ``n`` (sound near 0 and 1, unlike +-2 SE)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
+    if n < 1 or not 0 <= correct <= n:
+        raise ValueError(f"wilson(correct={correct}, n={n}): an interval needs at least one answer and 0 <= correct "
+                         "<= n (correct counts the right answers among n).")
     p = correct / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
@@ -280,22 +281,38 @@ def prose_chunks(tokenizer, prose: str, max_tokens: int, chunk: int = 256) -> li
     return [ids[i: i + chunk] for i in range(0, len(ids), chunk) if len(ids[i: i + chunk]) > 1]
 
 
-_BASE_CACHE = {"model": None, "stamp": None, "chunks": {}}
+_BASE_CACHE = {"model": None, "stamp": None, "chunks": {}, "probes": {}}
 
 
-def _base_logprobs(base, x):
-    """The frozen base model's log-probabilities on one chunk of prose, computed once per chunk and reused for
-    every run a notebook measures (this halves the cost of each forgetting measurement).
+def _base_cache(base) -> dict:
+    """What has been measured on the frozen ``base`` already: its log-probabilities per chunk of prose and its
+    probe scores per probe set. Measured once and reused for every run a notebook or a grid measures (the base
+    never changes), which halves the cost of each forgetting measurement.
 
     The cache holds one model, by identity, and is dropped when any of its weights is changed in place
     (torch counts in-place writes in each tensor's ``_version``)."""
     stamp = sum(p._version for p in base.parameters())
     if _BASE_CACHE["model"] is not base or _BASE_CACHE["stamp"] != stamp:
-        _BASE_CACHE.update(model=base, stamp=stamp, chunks={})
+        _BASE_CACHE.update(model=base, stamp=stamp, chunks={}, probes={})
+    return _BASE_CACHE
+
+
+def _base_logprobs(base, x):
+    """The frozen base model's log-probabilities on one chunk of prose, computed once per chunk (``_base_cache``)."""
+    chunks = _base_cache(base)["chunks"]
     key = tuple(x[0].tolist())
-    if key not in _BASE_CACHE["chunks"]:
-        _BASE_CACHE["chunks"][key] = base(input_ids=x).logits[0, :-1].float().log_softmax(-1)
-    return _BASE_CACHE["chunks"][key]
+    if key not in chunks:
+        chunks[key] = base(input_ids=x).logits[0, :-1].float().log_softmax(-1)
+    return chunks[key]
+
+
+def base_probe_scores(base, tokenizer, probes) -> list:
+    """``score_probes(base, ...)``, computed once per base model and probe set (keyed by the probes' fingerprint)."""
+    scores = _base_cache(base)["probes"]
+    key = fingerprint(p["prompt"] + " " + p["answer"] for p in probes)
+    if key not in scores:
+        scores[key] = score_probes(base, tokenizer, probes)
+    return scores[key]
 
 
 @torch.no_grad()
@@ -345,7 +362,7 @@ def forgetting(base, tuned, tokenizer, probes=None, prose: str | None = None, ba
     sizes = eval_sizes() | ({"prose_tokens": prose_tokens} if prose_tokens else {})
     probes = probes if probes is not None else probe_set()
     prose = prose if prose is not None else data_mod.load_prose()
-    base_scores = base_scores or score_probes(base, tokenizer, probes)
+    base_scores = base_scores or base_probe_scores(base, tokenizer, probes)
     tuned_scores = score_probes(tuned, tokenizer, probes)
     known = [i for i, s in enumerate(base_scores) if s["greedy_right"]]
     kept = [i for i in known if tuned_scores[i]["greedy_right"]]
@@ -381,7 +398,10 @@ def answers(model, tokenizer, prompts, max_new_tokens: int = 6) -> list:
 
 # --- memory -------------------------------------------------------------------------------------
 
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "4-bit": 0.5 + 4 / 64}  # 4-bit: NF4 + one fp32 scale per 64
+# 4-bit: QLoRA's NF4 with double quantisation (Dettmers et al. 2023, section 3): half a byte a number, one 8-bit
+# scale per block of 64, and one fp32 scale per 256 of those: 0.5 + 1/64 + 4/(64 x 256), about 0.516 B. (Without
+# double quantisation, one fp32 scale per 64: 0.5625 B.)
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "4-bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
 BYTES_PER_TRAINED = 4 + 8  # an fp32 gradient and AdamW's two fp32 moments, per trainable number
 
 
@@ -389,7 +409,7 @@ def predicted_memory(total: int, trainable: int) -> dict:
     """Textbook MiB of weights + gradients + AdamW for each way of storing the frozen base.
 
     Trained numbers are always fp32 (4 bytes) with a 4-byte gradient and 8 bytes of AdamW state.
-    The frozen rest costs 4 bytes a number in fp32, 2 in bf16, and about 0.56 in 4-bit NF4 (QLoRA: half
+    The frozen rest costs 4 bytes a number in fp32, 2 in bf16, and about 0.516 in 4-bit NF4 (QLoRA: half
     a byte plus a scale per block of 64). Full fine-tuning has no frozen rest: its 16 bytes per number
     do not shrink with a half-precision base (the master weights stay fp32). Explained in notebook 00, section 6.
     """

@@ -109,7 +109,10 @@ def precision_summary(device: torch.device | str) -> str:
     device = torch.device(device)
     dtype = compute_dtype(device)
     if dtype == torch.float32:
-        why = "this CPU has no bf16 arithmetic" if device.type == "cpu" else f"{device.type} runs fp32 here"
+        if os.environ.get(PRECISION_ENV, "auto").strip().lower() == "fp32":
+            why = f"{PRECISION_ENV}=fp32"
+        else:
+            why = "this CPU has no bf16 arithmetic" if device.type == "cpu" else f"{device.type} runs fp32 here"
         return f"fp32 everywhere ({why})"
     name = str(dtype).replace("torch.", "")
     line = f"frozen base in {name}, trained numbers in fp32, compute under {name} autocast"

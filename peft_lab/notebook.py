@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
+import os
 import platform
+from pathlib import Path
 
 import torch
 
-from . import accelerator_check, models
+from . import accelerator_check, models, version
 from . import data as data_mod
 
 
@@ -35,12 +37,26 @@ def setup(seed: int = 0) -> dict:
     facts["precision"] = models.precision_summary(device)
     facts["quick mode"] = data_mod.quick_mode()
     facts["cpu threads"] = torch.get_num_threads()
+    facts["code version"] = version.short(version.code_version(this_notebook()))
     if accelerator_check.requested():
         facts["device check"] = "on: CPU tensors fed to the model fail, as on a GPU"
     width = max(map(len, facts))
     for key, value in facts.items():
         print(f"{key:<{width}}  {value}")
     return facts
+
+
+def this_notebook() -> Path | None:
+    """The notebook this kernel runs, where it can be known: set by the runner of ``make run``
+    (``PEFT_LAB_NOTEBOOK``), or by JupyterLab (``__session__``); else None (then only the package and data
+    versions are printed)."""
+    path = os.environ.get("PEFT_LAB_NOTEBOOK")
+    if not path:
+        try:
+            path = get_ipython().user_ns.get("__session__")  # noqa: F821  (defined inside IPython only)
+        except NameError:
+            path = None
+    return Path(path) if path and str(path).endswith(".ipynb") and Path(path).is_file() else None
 
 
 def show_source(obj) -> None:

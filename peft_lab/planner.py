@@ -5,7 +5,7 @@ size, layers, query and key/value heads, vocabulary, tied embeddings; no weights
 bytes one training step holds, split like ``train.fit`` measures them:
 
 * weights: the frozen base in fp32 (4 B a number), bf16 (2 B) or 4-bit NF4 as in QLoRA (the decoder's
-  linear layers at ``measure.BYTES["4-bit"]``, about 0.56 B a number; embeddings and norms in bf16),
+  linear layers at ``measure.BYTES["4-bit"]``, about 0.516 B a number with double quantisation; embeddings and norms in bf16),
   plus the trained numbers in fp32. Full fine-tuning keeps every weight as an fp32 master copy.
 * gradients: 4 B per trained number; optimizer: AdamW's two fp32 moments, 8 B per trained number.
 * weight casts: under half-precision autocast, the half copies of fp32 weights a step saves.
@@ -199,7 +199,8 @@ def activation_bytes(cfg, method: str, base_precision: str = "fp32", batch: int 
       its input (shared between layers reading the same tensor in fp32, one copy each under autocast)
       and A's output (a r).
     * the head: the log-softmax over the vocabulary, fp32, at the label position (``loss="label"``, as
-      the workbook trains) or at every position (``loss="text"``).
+      the workbook trains) or at every position (``loss="text"``). The head itself runs only at the positions
+      a loss reads (``train.label_logits``); trained (full fine-tuning), it keeps its input there.
 
     Where gradients start matters: with LoRA and prefix tuning the first block's input needs no
     gradient, so its first RMSNorm keeps nothing. Prompt tuning runs P extra positions everywhere;
@@ -232,7 +233,10 @@ def activation_bytes(cfg, method: str, base_precision: str = "fp32", batch: int 
     block = 2 * norm + attn_inputs + mlp_inputs + attention + mlp + lora
 
     first_block_missing = 4 * (h + 1) * tq if method in ("lora", "prefix") else 0
-    final = norm + (a * h * tq if full else 0)  # the last RMSNorm (and, trained, the head's input)
+    # the head runs only where the loss reads it (train.label_logits): for the label loss at the batch's distinct
+    # last positions, at most one per row, planned at the worst case of min(batch, tokens); for a text loss at every one
+    head_positions = tq if loss == "text" else min(batch, seq_len)
+    final = norm + (a * h * head_positions if full else 0)  # the last RMSNorm (and, trained, the head's input)
     head = 4 * d["V"] * (1 if loss == "label" else seq_len - 1)
     rope = 2 * tq * d["hd"] * (4 if full else a)  # cos and sin, computed once and shared by every block
     ids = 8 * tq if full else 0  # token ids, kept by the trained embedding lookup

@@ -4,14 +4,24 @@ Used by ``make run``: each notebook is executed top to bottom (full mode unless 
 set), saved with its outputs under ``<out>/notebooks``, and every figure is written as a PNG under
 ``<out>/figures``. The time each notebook took is printed at the end. A notebook that fails is saved
 as far as it ran (the error shows in place) and the others still run; the command then exits non-zero.
+
+A notebook that ran through is stamped (``stamp``): its metadata records the code version it ran on
+(``version.code_version``: package, data, its own code cells), the machine, the precision, the mode and the
+minutes; and the "**Time:**" line of its header is written from that record, never by hand. Copy a refreshed
+notebook from ``<out>/notebooks`` over the one in ``notebooks/``; ``make run NOTEBOOKS=02`` refreshes one alone.
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import datetime
+import os
+import platform
 import re
 import time
 from pathlib import Path
+
+from . import version
 
 
 # A training bar as a saved notebook keeps it: tqdm's widget, with the text it showed when it appeared
@@ -86,6 +96,56 @@ def drop_unshown_widgets(nb) -> int:
     return len(unshown)
 
 
+TIME_LINE = re.compile(r"^\*\*Time[^*]*:\*\*.*$", re.M)
+
+
+def machine() -> str:
+    """Where this runs, in words: the GPU's name, or the CPU's cores and whether it computes bf16."""
+    import torch
+
+    from . import models
+
+    device = models.pick_device()
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple GPU (MPS)"
+    bf16 = "with" if models.cpu_has_bf16() else "without"
+    return f"a {os.cpu_count()}-core CPU {bf16} bf16 arithmetic ({cpu_name()})"
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def stamp(nb, source_path: Path, minutes: float) -> dict:
+    """Record in ``nb`` what it ran on, and write its header's time line from that record; returns the record."""
+    import torch
+
+    from . import data as data_mod
+    from . import models
+
+    mode = "quick" if data_mod.quick_mode() else "full"
+    record = {"code_version": version.code_version(source_path), "mode": mode, "minutes": round(minutes, 1),
+              "machine": machine(), "precision": models.precision_summary(models.pick_device()),
+              "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+    nb.metadata[version.METADATA_KEY] = record
+    header = next((c for c in nb.cells if c.cell_type == "markdown"), None)
+    if header is not None and mode == "full":
+        line = (f"**Time:** {record['minutes']:.1f} min in full mode on {record['machine']}, {record['precision']} "
+                f"(measured by the run that saved this notebook, {record['date']}; other machines: the README); "
+                "quick mode (`PEFT_LAB_QUICK=1`) under 3 minutes.")
+        header.source = TIME_LINE.sub(lambda _match: line, header.source, count=1)
+    return record
+
+
 def run(paths, out: Path, timeout: int = 3600) -> dict:
     import nbformat
     from nbclient import NotebookClient
@@ -97,6 +157,7 @@ def run(paths, out: Path, timeout: int = 3600) -> dict:
         print(f"running {path.name} ...", flush=True)
         nb = nbformat.read(path, as_version=4)
         started = time.perf_counter()
+        os.environ["PEFT_LAB_NOTEBOOK"] = str(path.resolve())  # the kernel inherits it: its first cell prints the version
         try:
             NotebookClient(nb, timeout=timeout, kernel_name="python3",
                            resources={"metadata": {"path": str(path.parent)}}).execute()
@@ -105,6 +166,8 @@ def run(paths, out: Path, timeout: int = 3600) -> dict:
             failed[path.name] = message.splitlines()[-1] if message else type(err).__name__
             print(f"  FAILED: {failed[path.name]}", flush=True)
         seconds[path.name] = time.perf_counter() - started
+        if path.name not in failed:
+            stamp(nb, path, seconds[path.name] / 60)
         drop_training_bars(nb)
         drop_unshown_widgets(nb)
         nbformat.write(nb, out / "notebooks" / path.name)

@@ -149,6 +149,8 @@ def load_runs(method: str | None = None, task: str | None = None, quick: bool | 
             continue
         try:
             row = json.loads(line)
+            if not isinstance(row, dict):
+                raise TypeError(f"a JSON {type(row).__name__}, not a run")
             record = RunRecord(**{k: v for k, v in row.items() if k in _KNOWN_FIELDS})
         except (ValueError, TypeError) as err:
             broken.append(f"line {number} ({type(err).__name__})")

@@ -108,7 +108,7 @@ def run(points, base, tokenizer, task, base_scores=None, progress: bool = True, 
     sizes = sizes or {}
     probes = measure.probe_set()[::sizes.get("probes", 1)]
     if todo and base_scores is None:
-        base_scores = measure.score_probes(base, tokenizer, probes)
+        base_scores = measure.base_probe_scores(base, tokenizer, probes)
     started = time.perf_counter()
     for i, point in enumerate(todo):
         if progress and i:
@@ -185,23 +185,48 @@ def _widened(summary: dict, members, metric: str) -> dict:
     return {**summary, "low": low, "high": high}
 
 
+def _positive(kind):
+    """An argparse type: a number of ``kind`` above zero, refused when the command line is read."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{text} must be above 0")
+        return value
+    return parse
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"seed {text} must be 0 or more")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Run (or resume) a grid of training runs; see peft_lab/study.py.")
     parser.add_argument("--task", default="reviews", help="a task of data.load_task, or 'facts' (new knowledge)")
-    parser.add_argument("--facts", type=int, default=None,
+    parser.add_argument("--source", default=None,
+                        help="a local file in the hub's columns for --task (as data.load_task(task, source=FILE))")
+    parser.add_argument("--facts", type=_positive(int), default=None,
                         help="with --task facts: learn the first N invented facts (default 64; each fact's first question validates)")
     parser.add_argument("--recipes", nargs="+", default=["lora-qv"], choices=sorted(RECIPES))
-    parser.add_argument("--lrs", nargs="+", type=float, required=True)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--train-sizes", nargs="+", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--lrs", nargs="+", type=_positive(float), required=True)
+    parser.add_argument("--seeds", nargs="+", type=_seed, default=[0, 1, 2])
+    parser.add_argument("--train-sizes", nargs="+", type=_positive(int), default=None)
+    parser.add_argument("--steps", type=_positive(int), default=30)
     parser.add_argument("--dry-run", action="store_true", help="list the runs and which are logged; train nothing")
     args = parser.parse_args(argv)
     if args.facts is not None and args.task != "facts":
         parser.error("--facts N goes with --task facts (learn the first N invented facts).")
+    if args.source is not None and args.task == "facts":
+        parser.error("--source FILE goes with a classification task (e.g. --task ag_news), not --task facts.")
     points = grid(args.recipes, args.lrs, args.seeds, args.train_sizes or (None,), args.steps)
     # the task before the model: a wrong name fails at once, not after a load
-    task = data_mod.first_facts_task(args.facts or 64) if args.task == "facts" else data_mod.load_task(args.task)
+    task = (data_mod.first_facts_task(args.facts or 64) if args.task == "facts"
+            else data_mod.load_task(args.task, source=args.source))
     base, tok = models.load()
     if args.dry_run:
         for p in points:

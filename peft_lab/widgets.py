@@ -93,7 +93,7 @@ class ExperimentPanel:
         plt.close(fig)
         self.status.value = "measuring accuracy and forgetting ..."
         if self._base_scores is None:
-            self._base_scores = measure.score_probes(self.base, self.tokenizer, measure.probe_set())
+            self._base_scores = measure.base_probe_scores(self.base, self.tokenizer, measure.probe_set())
         measure.evaluate_run(run, self.base, tuned, self.tokenizer, self.task, base_scores=self._base_scores)
         self.runs.append(run)
         low, high = measure.accuracy_interval(run.metrics)

@@ -113,7 +113,7 @@ def test_more_virtual_tokens_than_the_context_is_refused(name, tiny_llama):
 
 @pytest.mark.parametrize("name", ["lora", "dora"])
 def test_rank_must_be_positive(name, tiny_llama):
-    with pytest.raises(ValueError, match="rank must be at least 1"):
+    with pytest.raises(ValueError, match="rank must be a whole number of at least 1"):
         methods.get(name).apply(tiny_llama, rank=0, targets=["q_proj"])
 
 

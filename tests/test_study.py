@@ -82,7 +82,7 @@ def test_summary_gives_a_mean_and_interval_over_seeds(tiny_llama, tokenizer, tas
 def test_command_line_dry_run_lists_the_grid_and_trains_nothing(tiny_llama, tokenizer, task, monkeypatch, capsys,
                                                                  count_fits):
     monkeypatch.setattr(study.models, "load", lambda *a, **k: (tiny_llama, tokenizer))
-    monkeypatch.setattr(study.data_mod, "load_task", lambda name: task)
+    monkeypatch.setattr(study.data_mod, "load_task", lambda name, source=None: task)
     study.main(["--recipes", "lora-qv", "full", "--lrs", "1e-3", "--seeds", "0", "1", "--steps", "2", "--dry-run"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("to run ") for line in lines)

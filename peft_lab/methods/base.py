@@ -77,3 +77,21 @@ def check_context(model, num_virtual_tokens: int) -> None:
     if context is not None and num_virtual_tokens >= context:
         raise ValueError(f"num_virtual_tokens={num_virtual_tokens} fills the model's whole context of {context} "
                          f"positions, leaving none for the text; use far fewer (tens, not hundreds).")
+
+
+def read_adapter_config(folder, method: str) -> dict:
+    """A saved adapter's ``adapter_config.json`` as a dict, with clear errors: no such file (is this a saved
+    ``method`` adapter?), or a file that is not a JSON object (damaged: save the adapter again)."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "adapter_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"No adapter_config.json in {str(folder)!r}: is this a saved {method} adapter?")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is damaged ({err}): it is not readable JSON. Save the adapter again.") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is damaged: it holds a JSON {type(config).__name__}, not a config. Save the adapter again.")
+    return config

@@ -15,9 +15,11 @@ vector m, one trained number per output::
              ^
              one trained number per output, starting at ||W||: with B = 0 at step 0, W' = W
 
-The paper's finding: full fine-tuning moves magnitude and direction independently, plain LoRA tends
-to move them together; giving the magnitude its own parameters makes LoRA behave more like full
-fine-tuning, for a handful more numbers (out per layer) than LoRA.
+The paper's finding: over training, full fine-tuning's changes of magnitude and of direction are
+negatively correlated (a large change of direction comes with a small change of magnitude, and the other
+way round), while plain LoRA's are positively correlated: it moves both together. Giving the magnitude its
+own parameters lets DoRA show full fine-tuning's negative correlation, for a handful more numbers (out per
+layer) than LoRA.
 
 The forward pass never builds W'. Like peft, it reuses the base layer's output W x + b::
 
@@ -156,8 +158,7 @@ def apply(model, rank=8, alpha=16, targets=("q_proj", "v_proj"), dropout=0.0, in
     "." + target; a single name; or "all-linear"). Returns the model, with ``model.peft_lab_info``.
     Explained in notebook 06_beyond_lora, section 2.
     """
-    if rank < 1:
-        raise ValueError(f"rank must be at least 1, got {rank}")
+    lora.check_rank_and_alpha(rank, alpha)
     existing = lora.lora_layers(model)  # LoRA or DoRA: one low-rank method at a time
     if existing:
         kind = "DoRA" if dora_layers(model) else "LoRA"
@@ -249,11 +250,7 @@ def save(model, folder):
 
 
 def _read_config(folder):
-    path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No {CONFIG_NAME} in {folder!r}: is this a saved DoRA adapter?")
-    with open(path) as f:
-        config = json.load(f)
+    config = contract.read_adapter_config(folder, "DoRA")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{folder!r} holds a {config.get('peft_type')} adapter, not DoRA.")
     if not config.get("use_dora"):

@@ -309,11 +309,7 @@ def save(model, folder):
 
 
 def _read_config(folder):
-    path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No {CONFIG_NAME} in {folder!r}: is this a saved IA3 adapter?")
-    with open(path) as f:
-        config = json.load(f)
+    config = contract.read_adapter_config(folder, "IA3")
     if config.get("peft_type") != "IA3":
         raise ValueError(f"{folder!r} holds a {config.get('peft_type')} adapter, not IA3.")
     used = [k for k in ("modules_to_save", "exclude_modules") if config.get(k) not in (None, [], {})]

@@ -21,6 +21,7 @@ Explained in notebook 02_lora.
 """
 import json
 import math
+import numbers
 import os
 import warnings
 from pathlib import Path
@@ -64,9 +65,11 @@ class LoRALinear(nn.Module):
             nn.init.normal_(self.lora_A.weight, std=1 / rank)
         nn.init.zeros_(self.lora_B.weight)  # B = 0: dW = B A = 0, the model is unchanged at step 0
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # Dividing by r keeps the update's size steady when r changes, so ranks can be compared
-        # without retuning the learning rate. rsLoRA (Kalajdzievski 2023) divides by sqrt(r), which
-        # keeps learning effective at large ranks, where alpha / r shrinks the update too much.
+        # The original LoRA scales by alpha / r so that, at its initialisation and with plain SGD, the
+        # update's size does not grow with r. Under Adam that argument does not hold: rsLoRA (Kalajdzievski
+        # 2023) shows that alpha / r shrinks the update as r grows (learning slows at large ranks) and that
+        # alpha / sqrt(r) keeps it steady. So a rank sweep under alpha / r changes the step size with the
+        # rank; compare ranks with rslora=True, or retune the learning rate per rank.
         self.rank, self.alpha = rank, alpha
         self.scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
         self.merged = False
@@ -169,6 +172,15 @@ def _resolve_targets(model, targets):
 # Apply, merge, unmerge, remove
 # ----------------------------------------------------------------------------------------------
 
+def check_rank_and_alpha(rank, alpha) -> None:
+    """Refuse a rank or alpha that cannot train, with what to choose instead (LoRA and DoRA share it)."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise ValueError(f"rank must be a whole number of at least 1 (the inner size of A and B), got {rank!r}.")
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
+        raise ValueError(f"alpha must be a positive number, got {alpha!r}: the update is scaled by alpha/rank, so 0 "
+                         "trains nothing and a negative alpha flips it. A usual choice is alpha = 2 x rank.")
+
+
 def apply(model, rank=8, alpha=16, targets=("q_proj", "v_proj"), dropout=0.0, init="kaiming",
           rslora=False):
     """Wrap the target layers of `model` in LoRALinear and freeze everything else, in place.
@@ -178,8 +190,7 @@ def apply(model, rank=8, alpha=16, targets=("q_proj", "v_proj"), dropout=0.0, in
     Returns the model, with ``model.peft_lab_info`` describing the adapter.
     Explained in notebook 02_lora, section 3.
     """
-    if rank < 1:
-        raise ValueError(f"rank must be at least 1, got {rank}")
+    check_rank_and_alpha(rank, alpha)
     existing = lora_layers(model)
     if existing:
         raise ValueError(
@@ -306,11 +317,7 @@ _UNSUPPORTED = ("use_dora", "lora_bias", "modules_to_save", "rank_pattern", "alp
 
 
 def _read_config(folder):
-    path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"No {CONFIG_NAME} in {folder!r}: is this a saved LoRA adapter?")
-    with open(path) as f:
-        config = json.load(f)
+    config = contract.read_adapter_config(folder, "LoRA")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{folder!r} holds a {config.get('peft_type')} adapter, not LoRA.")
     used = [k for k in _UNSUPPORTED if config.get(k) not in (None, False, {}, [])]

@@ -93,9 +93,13 @@ class PromptTuned(VirtualTokenModel):
         P = self.num_virtual_tokens
         if labels is not None:
             labels = torch.cat([labels.new_full((labels.shape[0], P), -100), labels], dim=1)
+        keep = kwargs.get("logits_to_keep", 0)
+        if torch.is_tensor(keep):  # positions of the real tokens (train.label_logits): they sit P further on
+            kwargs["logits_to_keep"] = keep + P
         out = self.model(inputs_embeds=self.embed_with_prompt(input_ids),
                          attention_mask=self.extend_mask(attention_mask), labels=labels, **kwargs)
-        out.logits = out.logits[:, P:]  # the caller sees logits for its own T tokens only
+        if not torch.is_tensor(keep) and not keep:  # every position came back: cut off the P virtual ones
+            out.logits = out.logits[:, P:]  # the caller sees logits for its own T tokens only
         return out
 
     def first_step(self, input_ids: torch.Tensor):
