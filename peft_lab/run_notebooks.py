@@ -16,7 +16,6 @@ import argparse
 import base64
 import datetime
 import os
-import platform
 import re
 import time
 from pathlib import Path
@@ -99,32 +98,6 @@ def drop_unshown_widgets(nb) -> int:
 TIME_LINE = re.compile(r"^\*\*Time[^*]*:\*\*.*$", re.M)
 
 
-def machine() -> str:
-    """Where this runs, in words: the GPU's name, or the CPU's cores and whether it computes bf16."""
-    import torch
-
-    from . import models
-
-    device = models.pick_device()
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "mps":
-        return "Apple GPU (MPS)"
-    bf16 = "with" if models.cpu_has_bf16() else "without"
-    return f"a {os.cpu_count()}-core CPU {bf16} bf16 arithmetic ({cpu_name()})"
-
-
-def cpu_name() -> str:
-    """The processor's model name (Linux: /proc/cpuinfo), else what ``platform`` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def stamp(nb, source_path: Path, minutes: float) -> dict:
     """Record in ``nb`` what it ran on, and write its header's time line from that record; returns the record."""
     import torch
@@ -134,7 +107,7 @@ def stamp(nb, source_path: Path, minutes: float) -> dict:
 
     mode = "quick" if data_mod.quick_mode() else "full"
     record = {"code_version": version.code_version(source_path), "mode": mode, "minutes": round(minutes, 1),
-              "machine": machine(), "precision": models.precision_summary(models.pick_device()),
+              "machine": models.machine(), "precision": models.precision_summary(models.pick_device()),
               "torch": torch.__version__, "date": datetime.date.today().isoformat()}
     nb.metadata[version.METADATA_KEY] = record
     header = next((c for c in nb.cells if c.cell_type == "markdown"), None)

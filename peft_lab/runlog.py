@@ -46,6 +46,9 @@ class RunRecord:
     device: str = "cpu"
     quick: bool = False
     label: str = ""
+    # where and on what it ran, for runs shipped as results (study.run fills it): machine, precision, torch,
+    # code version, threads, wall seconds of training and measuring
+    provenance: dict = field(default_factory=dict)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     created: float = field(default_factory=time.time)
 

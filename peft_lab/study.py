@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from . import data as data_mod
-from . import measure, models, runlog, train
+from . import measure, models, runlog, train, version
 from .methods import freeze, lora, prefix, prompt
 
 # Instructions for the text starts of prefix and prompt tuning, per task (a text fits whole: P = its length)
@@ -115,6 +115,7 @@ def run(points, base, tokenizer, task, base_scores=None, progress: bool = True, 
             left = (time.perf_counter() - started) / i * (len(todo) - i)
             print(f"  [{i}/{len(todo)}] about {left / 60:.1f} min left")
         point_task = _task_for(task, point)
+        wall = time.perf_counter()
         torch.manual_seed(point.seed)  # the method's own random start (LoRA's A, random prompts) follows the seed
         tuned = RECIPES[point.recipe](base, tokenizer, task.name)
         record = train.fit(tuned, tokenizer, point_task, steps=point.steps, lr=point.lr, seed=point.seed,
@@ -124,17 +125,26 @@ def run(points, base, tokenizer, task, base_scores=None, progress: bool = True, 
         if "interrupted_after_steps" in record.config:
             print(f"study stopped after {i} of {len(todo)} new runs; run it again to go on.")
             break
+        record.provenance = provenance()
         measure.evaluate_run(record, base, tuned, tokenizer, point_task, base_scores=base_scores,
                              limit=sizes.get("test"), probes=probes, prose_tokens=sizes.get("prose_tokens"))
         if point_task.val:
             val = measure.accuracy(tuned, tokenizer, point_task, "val", limit=sizes.get("val"))
             record.metrics["val_accuracy"], record.metrics["val_n"] = val["accuracy"], val["n"]
-            runlog.save_run(record)
+        record.provenance["wall_seconds"] = round(time.perf_counter() - wall, 1)
+        runlog.save_run(record)
         done[point] = record
         del tuned
     if progress and todo:
         print(f"study: trained {sum(done[p] is not None for p in todo)} runs in {(time.perf_counter() - started) / 60:.1f} min")
     return [done[p] for p in points if done[p] is not None]
+
+
+def provenance() -> dict:
+    """What a shipped run ran on: machine, precision, torch, the package's and data's code version, threads."""
+    return {"machine": models.machine(), "precision": models.precision_summary(models.pick_device()),
+            "torch": torch.__version__, "code_version": version.short(version.code_version()),
+            "threads": torch.get_num_threads()}
 
 
 def _value(record, metric: str):
@@ -217,8 +227,12 @@ def main(argv=None):
     parser.add_argument("--seeds", nargs="+", type=_seed, default=[0, 1, 2])
     parser.add_argument("--train-sizes", nargs="+", type=_positive(int), default=None)
     parser.add_argument("--steps", type=_positive(int), default=30)
+    parser.add_argument("--threads", type=_positive(int), default=None,
+                        help="torch threads (1 leaves a core free for other work beside a long grid)")
     parser.add_argument("--dry-run", action="store_true", help="list the runs and which are logged; train nothing")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.facts is not None and args.task != "facts":
         parser.error("--facts N goes with --task facts (learn the first N invented facts).")
     if args.source is not None and args.task == "facts":

@@ -2,6 +2,7 @@
 from collections import Counter
 
 import pytest
+import torch
 
 from peft_lab import data, runlog, study, train
 
@@ -40,6 +41,20 @@ def test_a_study_trains_each_point_once_and_resumes_from_the_log(tiny_llama, tok
     study.run(bigger, tiny_llama, tokenizer, task, progress=False)
     assert count_fits["study:lora-qv"] == 3, "only the new seed should train"
     assert all("val_accuracy" in r.metrics for r in runlog.load_runs("study:lora-qv"))
+
+
+def test_each_study_run_is_logged_with_where_and_on_what_it_ran(tiny_llama, tokenizer, task):
+    from peft_lab import models, version
+
+    (run,) = study.run(study.grid(["lora-qv"], [1e-2], seeds=[0], steps=2), tiny_llama, tokenizer, task,
+                       progress=False)
+    (logged,) = runlog.load_runs("study:lora-qv")  # as a later sitting reads it from the shipped log
+    for record in (run, logged):
+        p = record.provenance
+        assert p["machine"] == models.machine() and p["torch"] == torch.__version__
+        assert p["code_version"] == version.short(version.code_version()) and p["threads"] >= 1
+        assert p["precision"] == models.precision_summary(models.pick_device())
+        assert 0 < p["wall_seconds"] and "val_accuracy" in record.metrics
 
 
 def test_an_interrupted_run_is_not_logged_and_the_study_goes_on_next_time(tiny_llama, tokenizer, task, monkeypatch):
