@@ -171,7 +171,18 @@ def test_fit_learns_a_text_task_and_accuracy_reads_its_questions(tiny_llama, tok
     assert sum(run.losses[-3:]) < sum(run.losses[:3])
     assert run.label_losses == []  # no label words in a text task
     result = measure.accuracy(tuned, tokenizer, task, "test")
-    assert result["n"] == len(task.test) and 0 <= result["accuracy"] <= 1
+    assert result["n"] == len(task.test)
+    # checked independently: a question counts as answered when greedy decoding writes exactly the answer's tokens
+    right = []
+    with torch.no_grad():
+        for q in task.test:
+            prompt = tokenizer(q["prompt"], add_special_tokens=False).input_ids
+            answer = tokenizer(q["prompt"] + " " + q["answer"], add_special_tokens=False).input_ids[len(prompt):]
+            out = tuned.generate(torch.tensor([prompt]), max_new_tokens=len(answer), do_sample=False,
+                                 min_new_tokens=len(answer), pad_token_id=tokenizer.pad_token_id)
+            right.append(out[0, len(prompt):].tolist() == answer)
+    assert result["predictions"] == right
+    assert result["accuracy"] == sum(right) / len(right)
     with pytest.raises(ValueError, match="no 'val' examples"):
         measure.accuracy(tuned, tokenizer, task, "val")
 

@@ -119,6 +119,10 @@ def test_generate_stops_at_eos_and_samples(tiny_model):
     s1 = tuned.generate(IDS[:1], max_new_tokens=6, do_sample=True, temperature=0.7, top_k=5, generator=g1)
     s2 = tuned.generate(IDS[:1], max_new_tokens=6, do_sample=True, temperature=0.7, top_k=5, generator=g2)
     assert torch.equal(s1, s2) and s1.shape[1] <= IDS.shape[1] + 6
+    # sampling really samples: hot and unrestricted, some seed leaves the greedy path (fails if do_sample were ignored)
+    samples = [tuned.generate(IDS[:1], max_new_tokens=6, do_sample=True, temperature=5.0, eos_token_id=[],
+                              generator=torch.Generator().manual_seed(seed)) for seed in range(5)]
+    assert any(not torch.equal(s, greedy) for s in samples)
 
 
 # --- reparametrisation and initialisation -----------------------------------------------------------

@@ -156,6 +156,11 @@ def test_generate_sampling_and_errors(tiny_gpt2):
     assert a.shape == (1, 8) and torch.equal(a, b)
     top5 = set(tuned(ids).logits[0, -1].topk(5).indices.tolist())
     assert int(a[0, 3]) in top5  # top_k really limits the first choice
+    # sampling really samples: hot and unrestricted, some seed leaves the greedy path (fails if do_sample were ignored)
+    greedy = tuned.generate(ids, max_new_tokens=5, eos_token_id=[])
+    hot = [tuned.generate(ids, max_new_tokens=5, do_sample=True, temperature=5.0, eos_token_id=[],
+                          generator=torch.Generator().manual_seed(seed)) for seed in range(5)]
+    assert any(not torch.equal(h, greedy) for h in hot)
 
     padded = torch.tensor([[4, 5, 6], [7, 8, 0]])
     with pytest.raises(ValueError, match="unpadded"):

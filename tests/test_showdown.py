@@ -18,7 +18,10 @@ def test_checkpoints_hold_what_each_method_trained(tiny_llama, tmp_path):
     numbers = sum(p.numel() for p in tiny_llama.parameters())
     assert full >= 4 * numbers  # every fp32 weight, plus the config
     assert soft < adapter < full and last < full
-    assert showdown.folder_bytes(tmp_path) == 0
+    (tmp_path / "a.bin").write_bytes(b"x" * 1000)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.json").write_bytes(b"y" * 24)
+    assert showdown.folder_bytes(tmp_path) == 1024  # every file, in subfolders too
 
 
 def test_swapping_adapters_gives_each_its_own_accuracy_and_leaves_the_base_alone(tiny_llama, tokenizer, task, tmp_path):

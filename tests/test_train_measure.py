@@ -65,8 +65,16 @@ def test_run_log_round_trip_and_filters(tiny_llama, tokenizer, task):
 def test_accuracy_is_the_argmax_over_the_verbalizer(tiny_llama, tokenizer, task):
     result = measure.accuracy(tiny_llama, tokenizer, task, "test")
     assert result["n"] == len(task.test)
-    expected = sum(p == label for p, (_, label) in zip(result["predictions"], task.test)) / len(task.test)
-    assert result["accuracy"] == expected
+    # computed here independently: the full logits at each review's last token, argmax over the label words
+    verbal = data.verbalizer_ids(task, tokenizer)
+    predictions = []
+    with torch.no_grad():
+        for text, _ in task.test:
+            ids = torch.tensor([tokenizer(task.prompt(text), add_special_tokens=False).input_ids])
+            logits = tiny_llama(input_ids=ids).logits[0, -1]
+            predictions.append(task.labels[int(logits[verbal].argmax())])
+    assert result["predictions"] == predictions
+    assert result["accuracy"] == sum(p == label for p, (_, label) in zip(predictions, task.test)) / len(task.test)
 
 
 def _probes_the_model_knows(model, tokenizer):
@@ -155,6 +163,11 @@ def test_accuracy_and_forgetting_keep_right_and_wrong_per_item(tiny_llama, token
     assert result["items"] == measure.accuracy(tiny_llama, tokenizer, task, "test")["items"]
     assert result["items"] != measure.accuracy(tiny_llama, tokenizer, task, "val")["items"]
     assert measure.verdict(result, result) == "no measurable difference"
+    # and a verdict that can go the other way: the same items, one run right far more often
+    better = {**result, "correct": "1" * result["n"], "accuracy": 1.0}
+    worse = {**result, "correct": "0" * result["n"], "accuracy": 0.0}
+    assert result["n"] >= 8  # enough items for an exact paired test to reach 5 %
+    assert measure.verdict(better, worse) == "higher" and measure.verdict(worse, better) == "lower"
     forgot = measure.forgetting(tiny_llama, tiny_llama, tokenizer, prose_tokens=256)
     assert forgot["kept_greedy_bits"] == "1" * forgot["probes_known_by_base"]
 
@@ -283,3 +296,23 @@ def test_the_summary_line_averages_the_loss_over_a_few_steps_of_a_long_run():
     record.label_losses = []
     with pytest.raises(ValueError, match="no label-word losses"):
         record.loss_start_end(label_words=True)
+
+
+def test_saved_activations_of_a_network_small_enough_to_count_by_hand():
+    # x (5 x 4) -> Linear(4, 3) -> ReLU -> Linear(3, 2), every weight trainable, fp32. Autograd keeps:
+    #   the first linear's input x, for its weight's gradient:             5 * 4 * 4 B = 80 B
+    #   ReLU's output (for its own backward, and the same tensor is the second linear's input): 5 * 3 * 4 B = 60 B
+    # and no weight (the weights are parameters, not activations). By hand: 140 bytes.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    x = torch.randn(5, 4)
+    with train.count_saved_activations(list(net.parameters())) as saved:
+        loss = net(x).sum()
+    loss.backward()
+    assert saved["bytes"] == 140 and saved["weight_cast_bytes"] == 0
+    # freeze the first linear: its input is no longer needed (nothing upstream wants a gradient), 60 B remain
+    net[0].requires_grad_(False)
+    with train.count_saved_activations([p for p in net.parameters() if p.requires_grad]) as saved:
+        loss = net(x).sum()
+    loss.backward()
+    assert saved["bytes"] == 60
