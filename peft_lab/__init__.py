@@ -1,13 +1,20 @@
 """peft_lab: the helper package of the peft-lab workbook.
 
-Floors, dependencies pointing downwards (see README.md):
+Floors, dependencies pointing downwards (see README.md); every module, by floor:
 
-* ground: ``models`` (loading, device, precision), ``data`` (tasks, batching);
-* methods: ``methods/`` - LoRA, prefix, prompt, freezing, DoRA, IA3, each behind one contract
-  (``methods/base.py``) and found through a registry (``methods.get("lora")``);
-* engine: ``train`` (one loop), ``runlog`` (run records and the run log), ``measure``;
-* face: ``plots``, ``widgets``, ``notebook``, ``colab`` (every notebook's first cell), ``run_notebooks`` and
-  ``version`` (the runner of ``make run`` and the code-version stamp of a saved notebook).
+* ground: ``models`` (loading, device, precision, the machine in words), ``data`` (tasks, batching, the
+  invented facts, probes and prose), ``version`` (the code version of the package and data);
+* methods (``methods/``): ``base`` (the contract), ``layer_wrappers`` (the shared house of the methods that wrap
+  linear layers), ``lora``, ``dora``, ``ia3``; ``virtual_tokens`` (the shared house of those that add virtual
+  positions), ``prefix``, ``prompt``; ``freeze`` (freezing choices); a registry in ``methods/__init__``
+  (``methods.get("lora")``);
+* engine: ``train`` (one loop, memory measured in a real step), ``runlog`` (run records and the run log),
+  ``stats`` (intervals, paired tests, verdicts), ``measure`` (accuracy, forgetting, memory tables), ``study``
+  (resumable grids), ``showdown`` (notebook 05's measurements), ``planner`` (memory predicted from a config),
+  ``baselines`` (the runs notebooks compare against);
+* face: ``plots``, ``widgets`` (panels), ``notebook`` (notebook helpers), ``exercises`` (exercise checks),
+  ``colab`` (every notebook's first cell), ``run_notebooks`` (the runner of ``make run``, which stamps each saved
+  notebook); ``accelerator_check`` (the tests' pretend accelerator).
 
 Import the module you need, e.g. ``from peft_lab import lora`` (the method modules are re-exported
 here under their short names).

@@ -288,6 +288,10 @@ def fp32_compute():
             os.environ[PRECISION_ENV] = before
 
 
+# The linear layers of a Llama-style block (SmolLM2, Qwen2.5, Llama 3), in the order they run: what LoRA may target.
+LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 def text_config(model):
     """The config of the language model itself (the text part of a multimodal config)."""
     cfg = model.config

@@ -14,7 +14,8 @@ bytes one training step holds, split like ``train.fit`` measures them:
 Explained in notebook 05_showdown, section 7.
 
 ``check_against_measurement`` runs real steps with ``train.fit`` and sets each prediction beside the
-measurement; ``panel()`` is the interactive face, with the free Colab T4's 14.75 GiB drawn in.
+measurement. Its interactive face is ``widgets.planner_panel()`` (figure: ``plots.planner_bars``), with the
+free Colab T4's 14.75 GiB drawn in.
 
     cfg = planner.load_config("qwen2.5-1.5b")
     planner.predict(cfg, "lora", base_precision="4-bit", batch=8, seq_len=512)["total"] / 2**30
@@ -28,14 +29,16 @@ import time
 
 from . import data as data_mod
 from . import measure
+from .models import LLAMA_LINEARS
+from .train import MEMORY_PARTS
 
 CONFIG_DIR = data_mod.DATA_DIR / "model_configs"
 REQUIRED = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
             "num_key_value_heads", "vocab_size", "tie_word_embeddings")
 METHODS = ("full", "lora", "prefix", "prompt")
 PRECISIONS = ("fp32", "bf16", "4-bit")
-LAYER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PARTS = ("weights", "gradients", "optimizer", "weight_casts", "activations")
+LAYER_LINEARS = LLAMA_LINEARS
+PARTS = MEMORY_PARTS
 GiB = 2 ** 30
 # A free Colab T4 as PyTorch sees it: 14.75 GiB. The card is sold as "16 GB" and nvidia-smi shows 15,360 MiB, but
 # the memory CUDA reports to programs (cudaDeviceProp.totalGlobalMem, i.e. torch.cuda.get_device_properties(0)
@@ -452,77 +455,3 @@ def check_against_measurement(quick: bool = False, methods=None, precisions=None
                     rows.append(row)
         del base
     return rows
-
-
-
-# --- the panel ----------------------------------------------------------------------------------
-
-class PlannerPanel:
-    """Dropdowns (model, method, precision) and sliders (batch, sequence length): a stacked bar per method
-    with the T4's 14.75 GiB drawn in, and the answer in words. ``controls`` and ``answer`` are there for tests."""
-
-    def __init__(self, model: str = "smollm2-360m", method: str = "lora", precision: str = "bf16"):
-        import ipywidgets as W
-
-        self.controls = {
-            "model": W.Dropdown(options=configs(), value=model, description="model"),
-            "method": W.Dropdown(options=METHODS, value=method, description="method"),
-            "precision": W.Dropdown(options=PRECISIONS, value=precision, description="base"),
-            "batch": W.IntSlider(value=8, min=1, max=64, description="batch"),
-            "seq_len": W.SelectionSlider(options=[2 ** k for k in range(5, 14)], value=512, description="seq len"),
-        }
-        self.answer = W.HTML()
-        self.figure = W.Output()
-        for c in self.controls.values():
-            c.observe(lambda _change: self.update(), names="value")
-        self.widget = W.VBox([W.HTML("<b>Memory planner</b>"), *self.controls.values(), self.figure, self.answer])
-        self.update()
-
-    def _ipython_display_(self):
-        from IPython.display import display
-
-        display(self.widget)
-
-    def update(self):
-        v = {k: c.value for k, c in self.controls.items()}
-        method, precision = v["method"], v["precision"]
-        if method == "full" and precision == "4-bit":
-            precision = "bf16"  # full fine-tuning keeps fp32 masters: show it with bf16 compute
-        self.answer.value = answer(v["model"], method, precision, v["batch"], v["seq_len"])
-        with self.figure:
-            from IPython.display import clear_output
-
-            clear_output(wait=True)
-            draw(v["model"], v["precision"], v["batch"], v["seq_len"], highlight=method)
-
-
-def draw(model: str, precision: str, batch: int, seq_len: int, highlight: str | None = None, ax=None):
-    """A stacked bar per method (GiB by part) at one base precision, with the free T4's 14.75 GiB as a line."""
-    import matplotlib.pyplot as plt
-
-    from . import plots
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 3.5))
-    labels = []
-    for i, method in enumerate(METHODS):
-        p = "bf16" if method == "full" and precision == "4-bit" else precision
-        pred, bottom = predict(model, method, p, batch, seq_len), 0.0
-        for part in PARTS:
-            ax.bar(i, pred[part] / GiB, bottom=bottom, color=plots.COLORS[part], label=part.replace("_", " ") if i == 0 else None)
-            bottom += pred[part] / GiB
-        if method == highlight:  # the chosen method: one outline around its whole bar
-            ax.bar(i, bottom, fill=False, edgecolor="black", linewidth=1.5)
-        labels.append(f"{method}\n{p} compute" if method == "full" else f"{method}\n{p} base")
-    ax.axhline(T4_BYTES / GiB, color="#b00", linestyle="--", linewidth=1, label=f"free T4 ({gib(T4_BYTES)} GiB)")
-    ax.set_xticks(range(len(METHODS)), labels, fontsize=8)
-    ax.set_ylabel("GiB per training step")
-    ax.set_title(f"{model}, batch {batch} x {seq_len} tokens (predicted)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
-    plt.show()
-    return ax
-
-
-def panel(model: str = "smollm2-360m", method: str = "lora", precision: str = "bf16") -> PlannerPanel:
-    """The memory planner as an interactive panel (display it as a cell's last line)."""
-    return PlannerPanel(model, method, precision)

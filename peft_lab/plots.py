@@ -8,8 +8,8 @@ import matplotlib.pyplot as plt
 import matplotlib.ticker
 
 from . import measure, runlog
+from .train import MEMORY_PARTS  # one list of memory parts: train measures them
 
-MEMORY_PARTS = ("weights", "gradients", "optimizer", "weight_casts", "activations")
 COLORS = {"weights": "#8da0cb", "gradients": "#fc8d62", "optimizer": "#66c2a5", "weight_casts": "#ffd92f",
           "activations": "#e78ac3"}
 
@@ -108,14 +108,34 @@ def _bars_with_values(ax, values, fmt):
     ax.set_ylim(0, 1.15 * max(values))
 
 
+def _trainable_share(ax, shares):
+    """Trainable share per method on a log axis: 100 % and 0.005 % differ 20,000-fold, and on a linear axis every
+    PEFT bar would be invisible. Each bar carries its number."""
+    bars = ax.bar(range(len(shares)), shares, color="#4c72b0")
+    ax.set_yscale("log")
+    ax.set_ylim(min(shares) / 3, 1000)  # room above 100 % for its label
+    for bar, v in zip(bars, shares):
+        ax.annotate(f"{v:.3g} %", (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom", fontsize=7,
+                    xytext=(0, 2), textcoords="offset points")
+    ax.set_title("trainable parameters, % of the model (log scale)", fontsize=10)
+
+
+def _method_ticks(axes, labels):
+    """The methods' names under every panel, on two lines ("LoRA r=8 (q,v)" / "lr 1e-3") so that long labels
+    stay under their own panel instead of running into the next one."""
+    wrapped = [label.replace(", lr ", "\nlr ") for label in labels]
+    for ax in axes:
+        ax.set_xticks(range(len(labels)), wrapped, rotation=30, ha="right", fontsize=7.5)
+        ax.set_xlim(-0.6, len(labels) - 0.4)
+
+
 def comparison(runs, title: str = "Methods compared", zero_shot: dict | None = None):
     """Four panels: trainable share, test accuracy (with 95 % intervals and the zero-shot line), seconds
     per step, forgetting (KL with its interval). Bars only for amounts, on linear axes, numbers on top."""
     rows = measure.comparison_rows(runs)
     labels = [_label(r) for r in runs]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-    _bars_with_values(axes[0], [r["trainable %"] for r in rows], lambda v: f"{v:.3g} %")
-    axes[0].set_title("trainable parameters, % of the model", fontsize=10)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.2))
+    _trainable_share(axes[0], [r["trainable %"] for r in rows])
     lows, highs = _interval_dots(axes[1], runs, "accuracy", "#1b9e77")
     _zero_shot_band(axes[1], zero_shot, lows, highs)
     axes[1].set_title("test accuracy, 95 % intervals" + (f"\n(dashed: zero-shot {zero_shot['accuracy']:.1%})"
@@ -129,9 +149,7 @@ def comparison(runs, title: str = "Methods compared", zero_shot: dict | None = N
     else:  # runs logged before intervals were measured
         _bars_with_values(axes[3], [r["KL"] for r in rows], lambda v: f"{v:.4f}")
         axes[3].set_title("forgetting: KL(base || tuned) per token", fontsize=10)
-    for ax in axes:
-        ax.set_xticks(range(len(rows)), labels, rotation=25, ha="right", fontsize=8)
-        ax.set_xlim(-0.6, len(rows) - 0.4)
+    _method_ticks(axes, labels)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -287,9 +305,8 @@ def scorecard(rows: list, labels: list, zero_shot: dict | None = None, title: st
     """Four panels for seed-mean rows (``study.summarize``): trainable share, test accuracy and KL from the
     base (means with 95 % intervals over seeds; the zero-shot line and band), seconds per step. Explained in
     notebook 05_showdown, section 2."""
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-    _bars_with_values(axes[0], [r["trainable %"] for r in rows], lambda v: f"{v:.3g} %")
-    axes[0].set_title("trainable parameters, % of the model", fontsize=10)
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4.2))
+    _trainable_share(axes[0], [r["trainable %"] for r in rows])
     lows, highs = [], []
     for i, r in enumerate(rows):
         _mean_dot(axes[1], i, r["accuracy"], PALETTE[0])
@@ -304,9 +321,7 @@ def scorecard(rows: list, labels: list, zero_shot: dict | None = None, title: st
         _mean_dot(axes[3], i, r["kl"], PALETTE[1])
     axes[3].set_ylim(0, 1.1 * max(r["kl"]["high"] for r in rows))
     axes[3].set_title("forgetting: KL(base || tuned), 95 % intervals", fontsize=10)
-    for ax in axes:
-        ax.set_xticks(range(len(rows)), labels, rotation=25, ha="right", fontsize=8)
-        ax.set_xlim(-0.6, len(rows) - 0.4)
+    _method_ticks(axes, labels)
     fig.suptitle(title)
     fig.tight_layout()
     return fig
@@ -326,7 +341,7 @@ def frontier(rows: list, recipes: dict, task_name: str, zero_shot: dict | None =
               ("kept_greedy", "share of the base's fact probes lost (greedy): forgetting →",
                lambda s: (1 - s["mean"], 1 - s["high"], 1 - s["low"]))]
     for panel, (metric, xlabel, x_of) in zip(axes, panels):
-        for color, (recipe, name) in zip(PALETTE, recipes.items()):
+        for k, (color, (recipe, name)) in enumerate(zip(PALETTE, recipes.items())):
             mine = sorted((r for r in rows if r["recipe"] == recipe and r["task"] == task_name and metric in r),
                           key=lambda r: r["lr"])
             if not mine:
@@ -335,9 +350,11 @@ def frontier(rows: list, recipes: dict, task_name: str, zero_shot: dict | None =
             xs, ys = [x for x, _, _ in xs_], [r["accuracy"]["mean"] for r in mine]
             panel.errorbar(xs, ys, xerr=[[x - low for x, low, _ in xs_], [high - x for x, _, high in xs_]],
                            yerr=[[y - r["accuracy"]["low"] for y, r in zip(ys, mine)], [r["accuracy"]["high"] - y for y, r in zip(ys, mine)]],
-                           fmt="o-", color=color, capsize=3, label=name)
-            for x, y, r in zip(xs, ys, mine):
-                panel.annotate(f"lr {runlog.short_number(r['lr'])}", (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points", color=color)
+                           fmt="o-", color=color, capsize=2, elinewidth=0.7, ecolor=color + "99",  # faint whiskers:
+                           markersize=6, zorder=3 + k, label=name)                            # the points stay seen
+            for x, y, r in zip(xs, ys, mine):  # one method's labels above its points, the next one's below
+                panel.annotate(f"lr {runlog.short_number(r['lr'])}", (x, y), fontsize=7, textcoords="offset points",
+                               xytext=(5, 5 if k % 2 == 0 else -11), color=color, zorder=5)
         if zero_shot is not None:
             panel.axhline(zero_shot["accuracy"], color="gray", ls="--", label=f"zero-shot {zero_shot['accuracy']:.1%}")
         panel.set_xlabel(xlabel)
@@ -376,4 +393,29 @@ def low_data(rows: list, recipes: dict, sizes: list, full_size: int, zero_shot: 
     ax.set_ylabel("test accuracy (mean over seeds)")
     ax.set_title("Accuracy with little data, 95 % intervals over seeds")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax
+
+
+def planner_bars(model: str, precision: str, batch: int, seq_len: int, highlight: str | None = None, ax=None):
+    """A stacked bar per method (GiB by part) at one base precision, with the free T4's 14.75 GiB as a line."""
+    from . import planner
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 3.5))
+    labels = []
+    for i, method in enumerate(planner.METHODS):
+        p = "bf16" if method == "full" and precision == "4-bit" else precision
+        pred, bottom = planner.predict(model, method, p, batch, seq_len), 0.0
+        for part in planner.PARTS:
+            ax.bar(i, pred[part] / planner.GiB, bottom=bottom, color=COLORS[part], label=part.replace("_", " ") if i == 0 else None)
+            bottom += pred[part] / planner.GiB
+        if method == highlight:  # the chosen method: one outline around its whole bar
+            ax.bar(i, bottom, fill=False, edgecolor="black", linewidth=1.5)
+        labels.append(f"{method}\n{p} compute" if method == "full" else f"{method}\n{p} base")
+    ax.axhline(planner.T4_BYTES / planner.GiB, color="#b00", linestyle="--", linewidth=1, label=f"free T4 ({planner.gib(planner.T4_BYTES)} GiB)")
+    ax.set_xticks(range(len(planner.METHODS)), labels, fontsize=8)
+    ax.set_ylabel("GiB per training step")
+    ax.set_title(f"{model}, batch {batch} x {seq_len} tokens (predicted)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    plt.show()
     return ax

@@ -68,6 +68,8 @@ def _storage_key(t: torch.Tensor):
 
 
 HALF = (torch.bfloat16, torch.float16)
+# the parts of a step's memory, as ``fit`` measures them and the planner predicts them
+MEMORY_PARTS = ("weights", "gradients", "optimizer", "weight_casts", "activations")
 
 
 @contextlib.contextmanager

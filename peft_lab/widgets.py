@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import clear_output, display
 
-from . import measure, methods, models, plots, runlog, train
+from . import measure, methods, models, planner, plots, runlog, train
 from .methods import freeze
 
 
@@ -152,7 +152,7 @@ def steps_slider(value=20, high=200):
 
 
 WIDE = {"description_width": "initial"}
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = models.LLAMA_LINEARS
 
 # A whole sentence that states the task. As a prefix it reads like this text, so P should equal its
 # token count: cut mid-sentence or repeated, it reads like garbled text and starts far worse
@@ -274,3 +274,48 @@ def prompt_panel(base, tokenizer, task, steps: int = 20, lr: float = 3e-2, compa
     copy is made. Soft prompts want large learning rates: the slider reaches 1. Explained in notebook 04_prompt_tuning, "Explore"."""
     return method_panel("prompt", base, tokenizer, task, steps, lr, compare_with,
                         controls=_prompt_controls(base, tokenizer, init_text))
+
+
+# --- the memory planner's panel --------------------------------------------------------------------
+
+class PlannerPanel:
+    """Dropdowns (model, method, precision) and sliders (batch, sequence length): a stacked bar per method
+    with the T4's 14.75 GiB drawn in, and the answer in words. ``controls`` and ``answer`` are there for tests."""
+
+    def __init__(self, model: str = "smollm2-360m", method: str = "lora", precision: str = "bf16"):
+        self.controls = {
+            "model": W.Dropdown(options=planner.configs(), value=model, description="model"),
+            "method": W.Dropdown(options=planner.METHODS, value=method, description="method"),
+            "precision": W.Dropdown(options=planner.PRECISIONS, value=precision, description="base"),
+            "batch": W.IntSlider(value=8, min=1, max=64, description="batch"),
+            "seq_len": W.SelectionSlider(options=[2 ** k for k in range(5, 14)], value=512, description="seq len"),
+        }
+        self.answer = W.HTML()
+        self.figure = W.Output()
+        for c in self.controls.values():
+            c.observe(lambda _change: self.update(), names="value")
+        self.widget = W.VBox([W.HTML("<b>Memory planner</b>"), *self.controls.values(), self.figure, self.answer])
+        self.update()
+
+    def _ipython_display_(self):
+        from IPython.display import display
+
+        display(self.widget)
+
+    def update(self):
+        v = {k: c.value for k, c in self.controls.items()}
+        method, precision = v["method"], v["precision"]
+        if method == "full" and precision == "4-bit":
+            precision = "bf16"  # full fine-tuning keeps fp32 masters: show it with bf16 compute
+        self.answer.value = planner.answer(v["model"], method, precision, v["batch"], v["seq_len"])
+        with self.figure:
+            from IPython.display import clear_output
+
+            clear_output(wait=True)
+            plots.planner_bars(v["model"], v["precision"], v["batch"], v["seq_len"], highlight=method)
+
+
+def planner_panel(model: str = "smollm2-360m", method: str = "lora", precision: str = "bf16") -> PlannerPanel:
+    """The memory planner (``planner``) as an interactive panel (display it as a cell's last line). Explained in notebook
+    05_showdown, section 7."""
+    return PlannerPanel(model, method, precision)

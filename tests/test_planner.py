@@ -125,7 +125,9 @@ def test_panel_builds_and_answers():
     import matplotlib
 
     matplotlib.use("Agg")
-    panel = planner.panel()
+    from peft_lab import widgets
+
+    panel = widgets.planner_panel()
     before = panel.answer.value
     panel.controls["model"].value = "qwen2.5-7b"
     assert panel.answer.value != before  # the answer follows the controls

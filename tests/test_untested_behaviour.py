@@ -86,3 +86,20 @@ def test_a_regex_target_modules_in_a_peft_config_matches_like_peft(tiny_llama, t
     wrapped = set(lora.lora_layers(tuned))
     assert all(name.endswith(("q_proj", "v_proj")) for name in wrapped)
     assert len(wrapped) == 2 * tiny_llama.config.num_hidden_layers
+
+
+def test_loading_into_layers_already_there_checks_that_they_agree(tiny_llama, tmp_path):
+    trained = lora.apply(tiny_llama, rank=2, alpha=4, targets=["q_proj", "v_proj"])
+    with torch.no_grad():
+        for layer in lora.lora_layers(trained).values():
+            layer.lora_B.weight.normal_()
+    lora.save(trained, tmp_path)
+    saved = {n: l.lora_B.weight.clone() for n, l in lora.lora_layers(trained).items()}
+    lora.remove(trained)
+    ready = lora.apply(tiny_llama, rank=2, alpha=4, targets=["q_proj", "v_proj"])  # the same settings: loads into them
+    lora.load(ready, tmp_path)
+    assert all(torch.equal(l.lora_B.weight, saved[n]) for n, l in lora.lora_layers(ready).items())
+    lora.remove(ready)
+    other = lora.apply(tiny_llama, rank=2, alpha=8, targets=["q_proj", "v_proj"])  # another alpha: refused
+    with pytest.raises(ValueError, match="alpha=4.*alpha=8"):
+        lora.load(other, tmp_path)

@@ -35,17 +35,14 @@ runs with peft and with this package agree.
 
 Explained in notebook 06_beyond_lora, section 2.
 """
-import json
-import os
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import lora
 from . import base as contract
-from .lora import CONFIG_NAME, KEY_PREFIX, WEIGHTS_NAME, LoRALinear
+from . import layer_wrappers as layers
+from . import lora
+from .lora import LoRALinear
 
 MAGNITUDE = "lora_magnitude_vector"  # peft's name for m, in its modules and in its saved keys
 
@@ -57,6 +54,7 @@ class DoRALinear(LoRALinear):
     ``lora_magnitude_vector`` (one number per output feature). Explained in notebook 06_beyond_lora,
     section 2.
     """
+    label = "DoRA"
 
     def __init__(self, base, rank=8, alpha=16, dropout=0.0, init="kaiming", rslora=False):
         super().__init__(base, rank, alpha, dropout, init, rslora)
@@ -135,20 +133,12 @@ class DoRALinear(LoRALinear):
 
 def dora_layers(model):
     """{full module name: DoRALinear} for every DoRA layer in the model."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, DoRALinear)}
+    return layers.layers_of(model, DoRALinear)
 
 
 def linear_module_names(model):
     """Sorted short names of the model's linear layers: the names ``apply(targets=...)`` accepts."""
-    return lora.linear_module_names(model)
-
-
-def mark_only_dora_as_trainable(model):
-    """Freeze every parameter, then unfreeze A, B and the magnitude of every DoRA layer."""
-    lora.mark_only_lora_as_trainable(model)  # DoRALinear is a LoRALinear: this unfreezes A and B
-    for layer in dora_layers(model).values():
-        layer.lora_magnitude_vector.requires_grad_(True)
-    return model
+    return layers.linear_module_names(model)
 
 
 def apply(model, rank=8, alpha=16, targets=("q_proj", "v_proj"), dropout=0.0, init="kaiming", rslora=False):
@@ -158,37 +148,7 @@ def apply(model, rank=8, alpha=16, targets=("q_proj", "v_proj"), dropout=0.0, in
     "." + target; a single name; or "all-linear"). Returns the model, with ``model.peft_lab_info``.
     Explained in notebook 06_beyond_lora, section 2.
     """
-    lora.check_rank_and_alpha(rank, alpha)
-    existing = lora.lora_layers(model)  # LoRA or DoRA: one low-rank method at a time
-    if existing:
-        kind = "DoRA" if dora_layers(model) else "LoRA"
-        raise ValueError(
-            f"This model already has {kind} layers ({', '.join(list(existing)[:4])}, ...). "
-            f"Call {kind.lower()}.remove(model) first, or apply once with all the targets you want."
-        )
-    names = lora._resolve_targets(model, targets)  # ValueError naming the model's layers if none match
-    # Remember which parameters were trainable, so that remove() can give the model back as it was.
-    model._peft_lab_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, DoRALinear(getattr(parent, child), rank, alpha, dropout, init, rslora))
-    mark_only_dora_as_trainable(model)
-    if targets == "all-linear":
-        targets = sorted({n.rsplit(".", 1)[-1] for n in names})
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    layer = next(iter(dora_layers(model).values()))
-    # The same keys as LoRA's info (lora.save reads them), the method name aside.
-    model.peft_lab_info = {
-        "method": "dora", "rank": rank, "alpha": alpha, "targets": targets, "dropout": dropout,
-        "init": init, "rslora": rslora, "scaling": layer.scaling, "modules": names,
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-    }
-    return model
-
-
-def _require_dora(model):
-    return contract.require_layers(model, dora_layers, "DoRA")
+    return lora.apply(model, rank, alpha, targets, dropout, init, rslora, layer_class=DoRALinear, method="dora")
 
 
 def merge(model):
@@ -210,15 +170,7 @@ def remove(model):
     The original module objects come back untouched, their weights bit-identical to before apply,
     and every ``requires_grad`` as before apply. A merged model is refused (see ``lora.remove``).
     """
-    layers = _require_dora(model)
-    merged = [n for n, layer in layers.items() if layer.merged]
-    if merged:
-        raise ValueError(
-            f"{len(merged)} DoRA layers are merged into their base weights ({merged[0]}, ...), so "
-            "removing them cannot give the original weights back bit for bit. "
-            "Call dora.unmerge(model) first (the weights then match the originals up to float rounding)."
-        )
-    return lora.remove(model)  # DoRALinear keeps the original module as .base, as LoRALinear does
+    return layers.unwrap(model, DoRALinear, "DoRA")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,39 +184,11 @@ def save(model, folder):
     ``peft.PeftModel.from_pretrained(base, folder)`` can read it. Returns the folder as a Path.
     Explained in notebook 06_beyond_lora, section 2.
     """
-    from safetensors.torch import load_file, save_file
-
-    layers = _require_dora(model)
-    lora.save(model, folder)  # A, B and the LoRA config, in peft's layout; DoRA adds two things to it
-    config_path, weights_path = os.path.join(folder, CONFIG_NAME), os.path.join(folder, WEIGHTS_NAME)
-    with open(config_path) as f:
-        config = json.load(f)
-    config["use_dora"] = True
-    with open(config_path, "w") as f:
-        json.dump(config, f, indent=2)
-    tensors = load_file(weights_path)
-    for name, layer in layers.items():
-        tensors[f"{KEY_PREFIX}{name}.{MAGNITUDE}"] = layer.lora_magnitude_vector.detach().cpu().contiguous()
-    save_file(tensors, weights_path, metadata={"format": "pt"})
-    return Path(folder)
-
-
-def _read_config(folder):
-    config = contract.read_adapter_config(folder, "DoRA")
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{folder!r} holds a {config.get('peft_type')} adapter, not DoRA.")
-    if not config.get("use_dora"):
-        raise ValueError(f"{folder!r} holds a plain LoRA adapter (use_dora is false): load it with lora.load.")
-    # The same peft features as lora.load refuses, bar use_dora itself.
-    used = [k for k in lora._UNSUPPORTED if k != "use_dora" and config.get(k) not in (None, False, {}, [])]
-    if config.get("bias", "none") != "none":
-        used.append("bias")
-    if config.get("init_lora_weights", True) not in (True, False, "gaussian"):
-        used.append(f"init_lora_weights={config['init_lora_weights']!r} (it also changes the base weights)")
-    if used:
-        raise ValueError(f"The adapter in {folder!r} uses peft features this package does not support: "
-                         f"{', '.join(used)}.")
-    return config
+    found = contract.require_layers(model, dora_layers, "DoRA")
+    tensors = lora.tensors(model)  # A and B, as LoRA saves them
+    for name, layer in found.items():
+        tensors[layers.saved_key(name, MAGNITUDE)] = layer.lora_magnitude_vector
+    return layers.write_adapter(folder, lora.settings(model).to_peft(model, use_dora=True), tensors)
 
 
 def load(model, folder):
@@ -278,33 +202,25 @@ def load(model, folder):
     """
     if lora.lora_layers(model) and not dora_layers(model):
         raise ValueError("This model has plain LoRA layers: call lora.remove(model) before loading DoRA.")
-    return lora.attach_and_load(model, folder, _read_config(folder), "DoRA", apply, dora_layers, _load_weights, remove)
+    config = lora.LoRAConfig.from_peft(lora.read_config(folder, "DoRA", use_dora=True), model)
+    return layers.attach_and_load(model, folder, DoRALinear, "DoRA", config.apply_args(), apply, load_weights,
+                                  remove, agree=("rank", "alpha", "rslora"))
 
 
-def _load_weights(model, state):
-    layers = dora_layers(model)
-    merged = [n for n, layer in layers.items() if layer.merged]
+def load_weights(model, state):
+    """Copy A, B and the magnitudes from a saved state; everything is checked before anything is copied."""
+    found = dora_layers(model)
+    merged = [n for n, layer in found.items() if layer.merged]
     if merged:
         raise ValueError(f"DoRA layer {merged[0]} is merged: call dora.unmerge(model) before loading.")
-    suffix = "." + MAGNITUDE
-    magnitudes = {}
-    for key in [k for k in state if k.endswith(suffix)]:
-        name = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
-        magnitudes[name[: -len(suffix)]] = state.pop(key)
-    # Check the magnitudes before lora._load_weights copies A and B in, so that a bad file changes nothing.
-    missing, extra = sorted(set(layers) - set(magnitudes)), sorted(set(magnitudes) - set(layers))
-    if extra:
-        raise ValueError(f"The adapter has magnitudes for modules this model does not have: "
-                         f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} (made for another base model?)")
-    if missing:
-        raise ValueError(f"The adapter has no {MAGNITUDE} for these DoRA layers of the model: "
-                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (made for another base model?)")
-    for name, layer in layers.items():
-        have, want = tuple(magnitudes[name].shape), tuple(layer.lora_magnitude_vector.shape)
+    magnitude_keys = {k: state.pop(k) for k in [k for k in state if k.endswith("." + MAGNITUDE)]}
+    magnitudes = layers.tensors_by_module(magnitude_keys, (MAGNITUDE,), found, "magnitudes", "DoRA")
+    for name, layer in found.items():
+        have, want = tuple(magnitudes[name][MAGNITUDE].shape), tuple(layer.lora_magnitude_vector.shape)
         if have != want:
             raise ValueError(f"Shapes differ at {name}: the adapter's magnitude has shape {have}, the model's "
                              f"layer needs {want} (made for a base model with another hidden size?)")
-    lora._load_weights(model, state)  # A and B: module names, rank and shapes checked there
+    lora.load_weights(model, state, label="DoRA")  # A and B: module names, rank and shapes checked there
     with torch.no_grad():
-        for name, layer in layers.items():
-            layer.lora_magnitude_vector.copy_(magnitudes[name])
+        for name, layer in found.items():
+            layer.lora_magnitude_vector.copy_(magnitudes[name][MAGNITUDE])

@@ -30,19 +30,14 @@ so adapters move both ways between this package and ``peft.PeftModel``.
 
 Explained in notebook 06_beyond_lora, section 3.
 """
-import json
-import os
 import re
-import warnings
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from . import lora
 from . import base as contract
-from .lora import CONFIG_NAME, KEY_PREFIX, LINEAR_TYPES, WEIGHTS_NAME
+from . import layer_wrappers as layers
 
 VECTOR = "ia3_l"  # peft's name for the scaling vector, in its modules and in its saved keys
 
@@ -54,26 +49,21 @@ LAYOUTS = (
 )
 
 
-class IA3Linear(nn.Module):
+class IA3Linear(layers.WrappedLinear):
     """A frozen linear layer whose output (or, for a feedforward layer, input) is scaled per feature:
     y = base(x) * l, or y = base(x * l) when ``feedforward``.
 
     Explained in notebook 06_beyond_lora, section 3.
     """
 
+    label = "IA3"
+
     def __init__(self, base, feedforward=False):
-        super().__init__()
-        if not isinstance(base, LINEAR_TYPES):
-            raise TypeError(f"IA3Linear wraps nn.Linear or Conv1D, got {type(base).__name__}")
-        self.base = base.requires_grad_(False)  # the original module, kept as is: remove() gives it back
-        self.fan_in_fan_out = isinstance(base, Conv1D)  # Conv1D stores its weight (in, out)
-        in_f, out_f = base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1]
+        super().__init__(base)  # base frozen; Conv1D noticed (merging needs it); fp32 over a half base
         self.feedforward = feedforward
-        # Half-precision weights are fine to run but poor to train: keep the vector in fp32 then.
-        dtype = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
         # Ones: every feature passes unchanged, so the model starts as the base model.
-        self.ia3_l = nn.Parameter(torch.ones(in_f if feedforward else out_f, device=base.weight.device, dtype=dtype))
-        self.merged = False
+        size = self.in_features if feedforward else self.out_features
+        self.ia3_l = nn.Parameter(torch.ones(size, device=base.weight.device, dtype=self.adapter_dtype))
 
     def forward(self, x):
         if self.merged:  # the scaling already lives inside the base weight (and bias)
@@ -126,14 +116,12 @@ class IA3Linear(nn.Module):
 
 def ia3_layers(model):
     """{full module name: IA3Linear} for every IA3 layer in the model."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, IA3Linear)}
+    return layers.layers_of(model, IA3Linear)
 
 
 def linear_module_names(model):
     """Sorted short names of the model's linear layers: the names ``apply(targets=...)`` accepts."""
-    wrapped = {name + ".base" for name in ia3_layers(model)}  # an IA3 layer's insides count as the layer
-    names = {name[: -len(".base")] if name in wrapped else name for name, _ in lora._linear_modules(model)}
-    return sorted({name.rsplit(".", 1)[-1] for name in names if name})
+    return layers.linear_module_names(model)
 
 
 def default_targets(model):
@@ -152,12 +140,44 @@ def _is_feedforward(name, feedforward):
     return any(name.endswith(f) for f in feedforward)
 
 
-def mark_only_ia3_as_trainable(model):
-    """Freeze every parameter, then unfreeze the IA3 vectors. Returns the model."""
-    model.requires_grad_(False)
-    for layer in ia3_layers(model).values():
-        layer.ia3_l.requires_grad_(True)
-    return model
+# ----------------------------------------------------------------------------------------------
+# Settings: typed, with their peft names
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IA3Config:
+    """IA3's settings with their names in peft's ``IA3Config`` (``to_peft`` / ``from_peft``)."""
+    targets: object = None
+    feedforward: object = None
+
+    def to_peft(self, model) -> dict:
+        info = model.peft_lab_info
+        targets, feedforward = list(info["targets"]), list(info["feedforward"])
+        if not set(feedforward) <= set(targets):
+            # peft insists that feedforward_modules be a subset of target_modules (as strings). Full
+            # module names satisfy it and select exactly the same layers.
+            feedforward = list(info["feedforward_modules"])
+            targets += feedforward
+        return {
+            "peft_type": "IA3",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": layers.base_name(model),
+            "target_modules": targets,
+            "feedforward_modules": feedforward,
+            "fan_in_fan_out": any(layer.fan_in_fan_out for layer in ia3_layers(model).values()),
+            "init_ia3_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
+            "exclude_modules": None,
+        }
+
+    @classmethod
+    def from_peft(cls, config: dict, model) -> "IA3Config":
+        """The settings a peft IA3Config (as a dict) describes, for ``model``: a regex string becomes full names."""
+        feedforward = config.get("feedforward_modules")
+        if isinstance(feedforward, str):  # a regex again: full names match only themselves
+            feedforward = [n for n, _ in layers.linear_modules(model) if re.fullmatch(feedforward, n)]
+        return cls(layers.config_targets(model, config.get("target_modules")), feedforward)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,18 +193,14 @@ def apply(model, targets=None, feedforward=None):
     full name ends with one); None: the default feedforward names among the targeted layers; []: none.
     Returns the model, with ``model.peft_lab_info``. Explained in notebook 06_beyond_lora, section 3.
     """
-    existing = ia3_layers(model) or lora.lora_layers(model)
-    if existing:
-        kind = "IA3" if ia3_layers(model) else "LoRA/DoRA"
-        raise ValueError(f"This model already has {kind} layers ({', '.join(list(existing)[:4])}, ...). "
-                         "Call remove(model) of that method first: this package applies one method at a time.")
+    layers.refuse_a_second_method(model)
     defaults = default_targets(model)
     if targets is None:
         if defaults is None:
             raise ValueError("No default IA3 targets for this model: pass targets=[...] and feedforward=[...]. "
                              f"Its linear layers are named: {', '.join(linear_module_names(model))}.")
         targets = defaults[0]
-    names = lora._resolve_targets(model, targets)  # ValueError naming the model's layers if none match
+    names = layers.resolve_targets(model, targets)  # ValueError naming the model's layers if none match
     if feedforward is None:  # the default feedforward names, where they fall among the chosen layers
         feedforward = [f for f in (defaults[1] if defaults else []) if any(_is_feedforward(n, [f]) for n in names)]
     feedforward = [feedforward] if isinstance(feedforward, str) else list(feedforward)
@@ -193,26 +209,13 @@ def apply(model, targets=None, feedforward=None):
         raise ValueError(f"feedforward={unmatched!r} matches none of the targeted layers "
                          f"({', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))}): feedforward layers "
                          "must be among the targets.")
-    # Remember which parameters were trainable, so that remove() can give the model back as it was.
-    model._peft_lab_requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, IA3Linear(getattr(parent, child), feedforward=_is_feedforward(name, feedforward)))
-    mark_only_ia3_as_trainable(model)
-    if targets == "all-linear":
-        targets = sorted({n.rsplit(".", 1)[-1] for n in names})
-    targets = [targets] if isinstance(targets, str) else list(targets)
+    layers.wrap(model, names, lambda name, linear: IA3Linear(linear, feedforward=_is_feedforward(name, feedforward)))
     model.peft_lab_info = {
-        "method": "ia3", "targets": targets, "feedforward": feedforward, "modules": names,
-        "feedforward_modules": [n for n in names if _is_feedforward(n, feedforward)],
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "method": "ia3", "targets": layers.targets_as_given(targets, names), "feedforward": feedforward,
+        "modules": names, "feedforward_modules": [n for n in names if _is_feedforward(n, feedforward)],
+        "trainable_parameters": layers.trainable_count(model),
     }
     return model
-
-
-def _require_ia3(model):
-    return contract.require_layers(model, ia3_layers, "IA3")
 
 
 def merge(model):
@@ -225,12 +228,12 @@ def merge(model):
 
 def unmerge(model):
     """Undo merge: divide the vectors out again (exact up to float rounding); returns the model."""
-    layers = _require_ia3(model)
-    zeros = [n for n, layer in layers.items() if layer.merged and (layer.ia3_l == 0).any()]
+    found = contract.require_layers(model, ia3_layers, "IA3")
+    zeros = [n for n, layer in found.items() if layer.merged and (layer.ia3_l == 0).any()]
     if zeros:  # checked for all layers first, so that a refusal leaves every layer as it was
         raise ValueError(f"The IA3 vector of {zeros[0]} holds zeros: merging multiplied those features by 0 "
                          "and dividing cannot bring them back.")
-    for layer in layers.values():
+    for layer in found.values():
         layer.unmerge()
     return model
 
@@ -243,24 +246,7 @@ def remove(model):
     and unmerging restores them only up to float rounding. Call ``unmerge(model)`` first if that is
     good enough.
     """
-    layers = _require_ia3(model)
-    merged = [n for n, layer in layers.items() if layer.merged]
-    if merged:
-        raise ValueError(
-            f"{len(merged)} IA3 layers are merged into their base weights ({merged[0]}, ...), so "
-            "removing them cannot give the original weights back bit for bit. "
-            "Call ia3.unmerge(model) first (the weights then match the originals up to float rounding)."
-        )
-    for name, layer in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child, layer.base)
-    saved = getattr(model, "_peft_lab_requires_grad", {})
-    for n, p in model.named_parameters():
-        p.requires_grad_(saved.get(n, True))
-    for attr in ("_peft_lab_requires_grad", "peft_lab_info"):
-        if hasattr(model, attr):
-            delattr(model, attr)
-    return model
+    return layers.unwrap(model, IA3Linear, "IA3")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,62 +259,21 @@ def save(model, folder):
     ``peft.PeftModel.from_pretrained(base, folder)`` can read it. Returns the folder as a Path.
     Explained in notebook 06_beyond_lora, section 3.
     """
-    from safetensors.torch import save_file
-
-    layers = _require_ia3(model)
-    info = model.peft_lab_info
-    targets, feedforward = list(info["targets"]), list(info["feedforward"])
-    if not set(feedforward) <= set(targets):
-        # peft insists that feedforward_modules be a subset of target_modules (as strings). Full
-        # module names satisfy it and select exactly the same layers.
-        feedforward = list(info["feedforward_modules"])
-        targets += feedforward
-    config = {
-        "peft_type": "IA3",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": lora._base_name(model),
-        "target_modules": targets,
-        "feedforward_modules": feedforward,
-        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
-        "init_ia3_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "exclude_modules": None,
-    }
+    found = contract.require_layers(model, ia3_layers, "IA3")
     tensors = {}
-    for name, layer in layers.items():
+    for name, layer in found.items():
         # peft's shapes: (1, in) for input scaling, (out, 1) for output scaling
-        vector = layer.ia3_l.detach().cpu()
-        vector = vector.view(1, -1) if layer.feedforward else vector.view(-1, 1)
-        tensors[f"{KEY_PREFIX}{name}.{VECTOR}"] = vector.contiguous()
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-        json.dump(config, f, indent=2)
-    save_file(tensors, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
-    return Path(folder)
+        vector = layer.ia3_l.detach()
+        tensors[layers.saved_key(name, VECTOR)] = vector.view(1, -1) if layer.feedforward else vector.view(-1, 1)
+    return layers.write_adapter(folder, IA3Config().to_peft(model), tensors)
 
 
 def _read_config(folder):
     config = contract.read_adapter_config(folder, "IA3")
     if config.get("peft_type") != "IA3":
         raise ValueError(f"{folder!r} holds a {config.get('peft_type')} adapter, not IA3.")
-    used = [k for k in ("modules_to_save", "exclude_modules") if config.get(k) not in (None, [], {})]
-    if used:
-        raise ValueError(f"The adapter in {folder!r} uses peft features this package does not support: "
-                         f"{', '.join(used)}.")
+    layers.refuse_features(config, folder, ("modules_to_save", "exclude_modules"))
     return config
-
-
-def _config_targets(model, config):
-    """(targets, feedforward) for apply from a peft config, a regex string turned into full names."""
-    linear = [n for n, _ in lora._linear_modules(model)]
-    targets = config.get("target_modules")
-    if isinstance(targets, str) and targets != "all-linear":  # peft: a single string is a regex
-        targets = [n for n in linear if re.fullmatch(targets, n)] or [targets]
-    feedforward = config.get("feedforward_modules")
-    if isinstance(feedforward, str):  # a regex again: full names match only themselves
-        feedforward = [n for n in linear if re.fullmatch(feedforward, n)]
-    return targets, feedforward
 
 
 def load(model, folder):
@@ -339,52 +284,23 @@ def load(model, folder):
     ValueError when the adapter was made for another base model (missing modules, other shapes);
     a failed load leaves a fresh model as it came. Explained in notebook 06_beyond_lora, section 3.
     """
-    from safetensors.torch import load_file
-
-    config = _read_config(folder)
-    saved_for, ours = config.get("base_model_name_or_path"), lora._base_name(model)
-    if saved_for and ours and saved_for != ours:
-        warnings.warn(f"The adapter was saved for {saved_for!r}, this model is {ours!r}.")
-    applied_here = not ia3_layers(model)
-    if applied_here:
-        targets, feedforward = _config_targets(model, config)
-        try:
-            apply(model, targets=targets, feedforward=feedforward)
-        except ValueError as e:
-            raise ValueError(f"The adapter in {folder!r} does not fit this model (made for another "
-                             f"base model?): {e}") from None
-    try:
-        _load_weights(model, contract.read_weights(os.path.join(folder, WEIGHTS_NAME)))
-    except ValueError:
-        if applied_here:
-            remove(model)  # leave the model as it came
-        raise
-    return model
+    config = IA3Config.from_peft(_read_config(folder), model)
+    return layers.attach_and_load(model, folder, IA3Linear, "IA3",
+                                  {"targets": config.targets, "feedforward": config.feedforward}, apply,
+                                  load_weights, remove)
 
 
-def _load_weights(model, state):
-    layers = ia3_layers(model)
-    vectors = {}
-    for key, tensor in state.items():
-        name = key[len(KEY_PREFIX):] if key.startswith(KEY_PREFIX) else key
-        module, _, kind = name.rpartition(".")
-        if kind != VECTOR:
-            raise ValueError(f"Unexpected key in the adapter file: {key!r}")
-        vectors[module] = tensor
-    missing, extra = sorted(set(layers) - set(vectors)), sorted(set(vectors) - set(layers))
-    if extra:
-        raise ValueError(f"The adapter has vectors for modules this model does not have: "
-                         f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''} (made for another base model?)")
-    if missing:
-        raise ValueError(f"The adapter has no vectors for these IA3 layers of the model: "
-                         f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} (made for another base model?)")
+def load_weights(model, state):
+    """Copy the vectors from a saved state into the model's IA3 layers; everything is checked first."""
+    found = ia3_layers(model)
+    vectors = layers.tensors_by_module(state, (VECTOR,), found, "vectors", "IA3")
     # Check everything before copying anything: a bad file changes nothing.
-    for name, layer in layers.items():
+    for name, layer in found.items():
         if layer.merged:
             raise ValueError(f"IA3 layer {name} is merged: call ia3.unmerge(model) before loading.")
         n = layer.ia3_l.numel()
         want = (1, n) if layer.feedforward else (n, 1)
-        have = tuple(vectors[name].shape)
+        have = tuple(vectors[name][VECTOR].shape)
         if have == want[::-1] and n > 1:
             raise ValueError(f"At {name} the adapter scales the {'output' if layer.feedforward else 'input'}, "
                              f"this model's IA3 layer the {'input' if layer.feedforward else 'output'}: the "
@@ -393,5 +309,5 @@ def _load_weights(model, state):
             raise ValueError(f"Shapes differ at {name}: the adapter's vector has shape {have}, the model's "
                              f"layer needs {want} (made for a base model with another hidden size?)")
     with torch.no_grad():
-        for name, layer in layers.items():
-            layer.ia3_l.copy_(vectors[name].reshape(-1))
+        for name, layer in found.items():
+            layer.ia3_l.copy_(vectors[name][VECTOR].reshape(-1))
