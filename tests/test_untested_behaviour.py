@@ -103,3 +103,18 @@ def test_loading_into_layers_already_there_checks_that_they_agree(tiny_llama, tm
     other = lora.apply(tiny_llama, rank=2, alpha=8, targets=["q_proj", "v_proj"])  # another alpha: refused
     with pytest.raises(ValueError, match="alpha=4.*alpha=8"):
         lora.load(other, tmp_path)
+
+
+def test_the_prefix_numbers_real_tokens_after_itself_also_with_explicit_positions(tiny_llama):
+    from peft_lab.methods import prefix
+
+    tuned = prefix.apply(tiny_llama, num_virtual_tokens=3)
+    with torch.no_grad():
+        tuned.prefix.normal_()  # a prefix that changes the output, so a wrong position would show
+        ids = torch.tensor([[5, 6, 7, 8]])
+        implicit = tuned(input_ids=ids).logits
+        explicit = tuned(input_ids=ids, position_ids=torch.arange(4)[None]).logits  # 0..3 are shifted to 3..6
+        unshifted = tuned.model(input_ids=ids, past_key_values=tuned.prefix_cache(1), use_cache=True,
+                                position_ids=torch.arange(4)[None]).logits  # what 0..3 would give unshifted
+    assert torch.allclose(implicit, explicit, atol=1e-6)
+    assert not torch.allclose(implicit, unshifted, atol=1e-3)
