@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from peft_lab import data, lora, measure, models, run_notebooks, train
+from peft_lab import data, lora, measure, models, train
 
 NEW_LABEL_LOGITS = train.label_logits
 
@@ -43,7 +43,7 @@ def measured_run(way: str, base, tok, task, steps: int, base_scores) -> dict:
         train.label_logits = NEW_LABEL_LOGITS
     return {"training s": trained - started, "scoring s": scored - trained, "forgetting s": done - scored,
             "total s": done - started, "s/step": statistics.median(run.step_seconds[1:]),
-            "activations MiB": run.memory["activations"] / 2 ** 20, "peak MiB": (run.memory.get("peak") or 0) / 2 ** 20,
+            "activations MiB": run.memory["activations"] / 2 ** 20,
             "accuracy": acc["accuracy"], "correct": acc["correct"], "kl": forgot["kl"], "kept": forgot["kept_greedy"],
             "losses": run.losses}
 
@@ -55,7 +55,7 @@ def main():
     args = parser.parse_args()
     base, tok = models.load()
     task = data.load_task("reviews")
-    print(f"machine: {run_notebooks.machine()}; {models.precision_summary(models.pick_device())}; "
+    print(f"machine: {models.machine()}; {models.precision_summary(models.pick_device())}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     base_scores = measure.base_probe_scores(base, tok, measure.probe_set())
     for ids in measure.prose_chunks(tok, data.load_prose(), measure.eval_sizes()["prose_tokens"]):  # the base's prose, once
