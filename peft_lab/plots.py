@@ -368,20 +368,16 @@ def frontier(rows: list, recipes: dict, task_name: str, zero_shot: dict | None =
     return fig
 
 
-def low_data(rows: list, recipes: dict, sizes: list, full_size: int, zero_shot: dict | None = None, ax=None):
-    """Test accuracy against the number of labelled training examples (log scale), one line per method,
-    seed means with 95 % intervals; ``sizes`` name tasks "<task>, n train", ``full_size`` the whole set.
-    Explained in notebook 05_showdown, section 4."""
+def low_data(rows: list, recipes: dict, sizes: list, zero_shot: dict | None = None, ax=None):
+    """Test accuracy against the number of labelled training examples (log scale, one tick per size trained), one
+    line per method, seed means with 95 % intervals; ``rows`` are ``study.summarize`` rows of tasks named
+    "<task>, n train". Explained in notebook 05_showdown, section 4."""
     ax = _axes(ax, (7, 4))
-    for color, (recipe, name) in zip(PALETTE, recipes.items()):
-        points = []
-        for n in sizes:
-            match = [r for r in rows if r["recipe"] == recipe and r["task"].endswith(f", {n} train")] if n != full_size \
-                else [r for r in rows if r["recipe"] == recipe and "train" not in r["task"].split(",")[-1]]
-            if match:
-                points.append((n, match[0]["accuracy"]))
+    for k, (color, (recipe, name)) in enumerate(zip(PALETTE, recipes.items())):
+        points = [(n, r["accuracy"]) for n in sizes for r in rows
+                  if r["recipe"] == recipe and r["task"].endswith(f", {n} train")]
         if points:
-            xs = [n for n, _ in points]
+            xs = [n * (1.04 if k % 2 else 1 / 1.04) for n, _ in points]  # side by side, so whiskers do not cross
             ys = [s["mean"] for _, s in points]
             ax.errorbar(xs, ys, yerr=[[y - s["low"] for y, (_, s) in zip(ys, points)], [s["high"] - y for y, (_, s) in zip(ys, points)]],
                         fmt="o-", color=color, capsize=4, label=name)
@@ -389,10 +385,53 @@ def low_data(rows: list, recipes: dict, sizes: list, full_size: int, zero_shot: 
         ax.axhline(zero_shot["accuracy"], color="gray", ls="--", label=f"zero-shot {zero_shot['accuracy']:.1%}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(n) for n in sizes])
-    ax.set_xlabel("labelled training examples")
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.set_xlabel("labelled training examples (each run: the same steps of 8)")
     ax.set_ylabel("test accuracy (mean over seeds)")
     ax.set_title("Accuracy with little data, 95 % intervals over seeds")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(fontsize=8, loc="lower right")
+    return ax
+
+
+def paired_differences(results: list, title: str = "", ax=None):
+    """A forest plot of paired gaps: one row per comparison ``(label, stats.paired_over_seeds result)``, the gap
+    in accuracy points with its 95 % interval, and the line at 0 that a verdict asks the interval to clear.
+    Filled dots are measurable differences (exact McNemar at 5 %), open ones are not. Explained in notebook
+    05_showdown, section 2."""
+    ax = _axes(ax, (7.5, 0.45 * len(results) + 1.2))
+    for i, (label, r) in enumerate(results):
+        y = len(results) - 1 - i
+        measurable = r["verdict"] != "no measurable difference"
+        color = PALETTE[0] if r["diff"] > 0 else PALETTE[1]
+        ax.errorbar(100 * r["diff"], y, xerr=[[100 * (r["diff"] - r["low"])], [100 * (r["high"] - r["diff"])]],
+                    fmt="o", color=color, mfc=color if measurable else "white", capsize=3)
+        ax.annotate(f"{100 * r['diff']:+.1f}", (100 * r["high"], y), xytext=(4, -3), textcoords="offset points", fontsize=8)
+    ax.axvline(0, color="gray", lw=1)
+    ax.set_yticks(range(len(results)), [label for label, _ in reversed(results)], fontsize=8)
+    ax.set_xlabel("accuracy gap in points, paired over seeds on the same test items (95 % interval)")
+    ax.set_title(title or "Paired differences (filled: measurable at the 5 % level)", fontsize=10)
+    ax.set_ylim(-0.7, len(results) - 0.3)
+    return ax
+
+
+def time_to_accuracy(timed: dict, names: dict, target: float, ax=None):
+    """Validation accuracy against training seconds, one line per method: the mean over seeds at each measuring
+    step (the seeds are measured at the same steps), with the seeds' range shaded; the target as a dashed line.
+    ``timed``: recipe -> ``showdown.time_to_accuracy_over_seeds`` result. Explained in notebook 05_showdown, section 6."""
+    ax = _axes(ax, (7, 4))
+    for color, (recipe, t) in zip(PALETTE, timed.items()):
+        curves = [one["curve"] for one in t["runs"]]
+        points = min(len(c) for c in curves)
+        seconds = [sum(c[i][0] for c in curves) / len(curves) for i in range(points)]
+        accs = [[c[i][1] for c in curves] for i in range(points)]
+        ax.plot(seconds, [sum(a) / len(a) for a in accs], "o-", color=color,
+                label=f"{names.get(recipe, recipe)}, lr {runlog.short_number(t['lr'])} (mean of {len(curves)} seeds)")
+        ax.fill_between(seconds, [min(a) for a in accs], [max(a) for a in accs], color=color, alpha=0.15, lw=0)
+    ax.axhline(target, color="gray", ls="--", label=f"target {target:.1%}")
+    ax.set_xlabel("training seconds (measuring excluded)")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("Time to accuracy: mean over seeds, shaded from the lowest to the highest seed")
+    ax.legend(fontsize=8, loc="lower right")
     return ax
 
 

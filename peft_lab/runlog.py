@@ -137,13 +137,14 @@ _KNOWN_FIELDS = {f.name for f in fields(RunRecord)}
 
 
 def load_runs(method: str | None = None, task: str | None = None, quick: bool | None = None,
-              model: str | None = None, **settings) -> list:
+              model: str | None = None, path=None, **settings) -> list:
     """Runs from the log, oldest first, filtered by method, task, model and ``settings`` (config values,
-    e.g. ``lr=2e-5``); by default only those of the current mode (quick or full).
+    e.g. ``lr=2e-5``); by default only those of the current mode (quick or full). ``path``: another log to
+    read (a shipped one, such as results/showdown_grid.jsonl) instead of ``run_log_path()``.
 
     A line that cannot be read (a crash mid-write, a hand edit) is skipped with a warning; the rest is kept.
     """
-    path = run_log_path()
+    path = Path(path) if path is not None else run_log_path()
     if not path.exists():
         return []
     latest, broken = {}, []
@@ -167,7 +168,8 @@ def load_runs(method: str | None = None, task: str | None = None, quick: bool | 
             and (model is None or r.model == model) and all(r.config.get(k) == v for k, v in settings.items())]
 
 
-def latest_run(method: str, task: str | None = None, **settings):
-    """The newest logged run of ``method`` with these ``settings`` (in the current mode), or None."""
-    runs = load_runs(method, task, **settings)
+def latest_run(method: str, task: str | None = None, path=None, **settings):
+    """The newest logged run of ``method`` with these ``settings`` (in the current mode), or None; ``path`` as
+    in ``load_runs``."""
+    runs = load_runs(method, task, path=path, **settings)
     return runs[-1] if runs else None

@@ -106,21 +106,36 @@ def fmt(summary: dict, percent: bool = True) -> str:
     return f"{summary['mean']:.4f} [{summary['low']:.4f}, {summary['high']:.4f}]"
 
 
-def frontier_verdicts(rows, a: str, b: str, task_name: str) -> list:
+def frontier_verdicts(rows, a: str, b: str, task_name: str, runs=None) -> list:
     """Sentences, from the seed means, on how ``a`` and ``b`` trade learning against forgetting.
 
     1. Each at its best learning rate (chosen on validation): accuracy and KL compared.
     2. Every pair of points (one learning rate of each) whose accuracies show no measurable difference:
        which forgot more (KL), so the methods are compared at equal learning, not at one recipe each.
+    With the seed ``runs`` behind ``rows``, accuracy and probes kept are compared item by item, seed by seed
+    (``showdown_grid.paired``); KL, and rows without runs, by their 95 % intervals.
     Explained in notebook 05_showdown, section 3."""
+    from .showdown_grid import paired, runs_of
+
+    def compare(ra, rb, metric):
+        if runs is not None and metric in ("accuracy", "kept_greedy"):
+            result = paired(runs_of(runs, ra["recipe"], ra["lr"], task_name), runs_of(runs, rb["recipe"], rb["lr"], task_name), metric)
+            if result is not None:
+                return result["verdict"]
+        return measure.compare(ra[metric], rb[metric], metric)
+
+    def versus(ra, rb, metric):
+        word = compare(ra, rb, metric)
+        return f"{word} from {name_b}" if word == "no measurable difference" else f"{word} than {name_b}"
+
     name_a, name_b = NAMES.get(a, a), NAMES.get(b, b)
     best_a, best_b = best_by_validation(rows, a, task_name), best_by_validation(rows, b, task_name)
     lines = [f"At its best learning rate (by validation), {name_a} (lr {runlog.short_number(best_a['lr'])}) reached "
-             f"{fmt(best_a['accuracy'])}: {measure.versus(best_a['accuracy'], best_b['accuracy'], name_b)} "
+             f"{fmt(best_a['accuracy'])}: {versus(best_a, best_b, 'accuracy')} "
              f"(lr {runlog.short_number(best_b['lr'])}, {fmt(best_b['accuracy'])}); its KL from the base was "
-             f"{measure.versus(best_a['kl'], best_b['kl'], name_b, 'kl')} ({best_a['kl']['mean']:.4f} vs {best_b['kl']['mean']:.4f})"
+             f"{versus(best_a, best_b, 'kl')} ({best_a['kl']['mean']:.4f} vs {best_b['kl']['mean']:.4f})"
              + (f"; the share of the base's probes it kept (greedy) was "
-                f"{measure.versus(best_a['kept_greedy'], best_b['kept_greedy'], name_b, 'kept_greedy')} "
+                f"{versus(best_a, best_b, 'kept_greedy')} "
                 f"({fmt(best_a['kept_greedy'])} vs {fmt(best_b['kept_greedy'])})" if "kept_greedy" in best_a and "kept_greedy" in best_b else "")
              + "."]
     # KL and probes kept can disagree (KL sees every prose token move a little; a probe counts only when its
@@ -129,10 +144,10 @@ def frontier_verdicts(rows, a: str, b: str, task_name: str) -> list:
     kept = {"higher": 0, "lower": 0, "no measurable difference": 0}
     for ra in (r for r in rows if r["recipe"] == a and r["task"] == task_name):
         for rb in (r for r in rows if r["recipe"] == b and r["task"] == task_name):
-            if measure.compare(ra["accuracy"], rb["accuracy"]) == "no measurable difference":
-                matched[measure.compare(ra["kl"], rb["kl"], "kl")] += 1
+            if compare(ra, rb, "accuracy") == "no measurable difference":
+                matched[compare(ra, rb, "kl")] += 1
                 if "kept_greedy" in ra and "kept_greedy" in rb:
-                    kept[measure.compare(ra["kept_greedy"], rb["kept_greedy"], "kept_greedy")] += 1
+                    kept[compare(ra, rb, "kept_greedy")] += 1
     pairs = sum(matched.values())
     if pairs:
         lines.append(f"Of the {pairs} pairs of learning rates where the two reached accuracies with no measurable "

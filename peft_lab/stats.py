@@ -174,3 +174,64 @@ def drift_sentence(a, b) -> str:
     ratio = more.metrics["kl"] / less.metrics["kl"] if less.metrics["kl"] > 0 else float("inf")
     return (f"{more.label} drifted further from the base than {less.label}: KL {more.metrics['kl']:.4f} vs "
             f"{less.metrics['kl']:.4f} ({ratio:.1f}x; the 95 % intervals do not overlap).")
+
+
+# --- comparisons over seeds, each seed paired item by item (notebook 05_showdown) ---------------------
+
+def paired_over_seeds(pairs, metric: str = "accuracy") -> dict:
+    """Accuracy (or ``kept_greedy``, the fact probes kept) of method A against method B when each seed of A was
+    scored on the same items as the same seed of B: ``pairs`` is a list of (A's metrics, B's metrics), one per seed.
+
+    The items on which the two disagree are pooled over the seeds (``only_a``, ``only_b``) and tested with the
+    exact McNemar test (``p``); ``diff`` is A's accuracy minus B's, with a 95 % interval that covers both the
+    spread between seeds (a t-interval of the per-seed differences) and the finite test set (the paired
+    standard error of the pooled items), whichever is wider. ``verdict``: "higher", "lower" or "no measurable
+    difference" (McNemar at 5 %, and the interval must exclude 0 too when there are several seeds)."""
+    if not pairs:
+        raise ValueError("paired_over_seeds needs at least one (A, B) pair of runs scored on the same items.")
+    only_a = only_b = n = 0
+    diffs = []
+    for a, b in pairs:
+        counts = paired_counts(a, b, metric)
+        if counts is None:
+            raise ValueError(f"These runs were not scored on the same items for {metric!r}, so they cannot be paired; "
+                             "compare their seed means with compare() instead.")
+        only_a, only_b = only_a + counts[0], only_b + counts[1]
+        items = a["probes_known_by_base"] if metric == "kept_greedy" else a.get("test_n", a.get("n"))
+        n += items
+        diffs.append((counts[0] - counts[1]) / items)
+    diff = (only_a - only_b) / n
+    item_se = math.sqrt(max(0.0, only_a + only_b - (only_a - only_b) ** 2 / n)) / n
+    half = 1.959963984540054 * item_se
+    spread = mean_interval(diffs)
+    half = max(half, spread["high"] - spread["mean"])
+    p = paired_test(only_a, only_b)
+    excludes_zero = diff - half > 0 or diff + half < 0
+    word = ("higher" if diff > 0 else "lower") if p < 0.05 and (len(pairs) == 1 or excludes_zero) else "no measurable difference"
+    return {"diff": diff, "low": diff - half, "high": diff + half, "only_a": only_a, "only_b": only_b, "n": n,
+            "seeds": len(pairs), "p": p, "verdict": word}
+
+
+def paired_items_needed(only_a: int, only_b: int, n: int, power_z: float = 0.8416) -> int | None:
+    """About how many items (pooled over seeds) a paired test needs to call a gap of the size measured here at
+    the 5 % level with 80 % power: the usual sample size of McNemar's test from the measured share of items on
+    which the two disagree and the measured gap. None when the measured gap is zero (no size would show it)."""
+    discordant, gap = (only_a + only_b) / n, abs(only_a - only_b) / n
+    if gap == 0:
+        return None
+    z = 1.959963984540054
+    return math.ceil(((z * math.sqrt(discordant) + power_z * math.sqrt(max(0.0, discordant - gap ** 2))) / gap) ** 2)
+
+
+def seeds_needed(values_a, values_b, power_z: float = 0.8416) -> int | None:
+    """About how many seeds per method would separate two means (KL, seconds) of the size and spread measured
+    here (two-sample, 5 % level, 80 % power). None when either has a single value (no spread measured) or the
+    means are equal."""
+    if len(values_a) < 2 or len(values_b) < 2:
+        return None
+    ma, mb = sum(values_a) / len(values_a), sum(values_b) / len(values_b)
+    var = lambda v, m: sum((x - m) ** 2 for x in v) / (len(v) - 1)  # noqa: E731
+    sd = math.sqrt((var(values_a, ma) + var(values_b, mb)) / 2)
+    if ma == mb:
+        return None
+    return max(2, math.ceil(2 * ((1.959963984540054 + power_z) * sd / abs(ma - mb)) ** 2))

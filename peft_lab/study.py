@@ -83,10 +83,10 @@ def _task_for(task, point):
     return task if point.train_size is None else data_mod.subset(task, point.train_size, seed=point.seed)
 
 
-def logged(point: Point, task, model_name: str | None):
-    """The finished, measured run of ``point`` in the run log, or None."""
+def logged(point: Point, task, model_name: str | None, path=None):
+    """The finished, measured run of ``point`` in the run log (or in the log at ``path``), or None."""
     run = runlog.latest_run(point.method, _task_for(task, point).name, lr=point.lr, seed=point.seed,
-                            steps=point.steps, model=model_name)
+                            steps=point.steps, model=model_name, path=path, quick=False if path else None)
     return run if run is not None and "accuracy" in run.metrics else None
 
 
