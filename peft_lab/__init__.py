@@ -8,9 +8,11 @@ Floors, dependencies pointing downwards (see README.md); every module, by floor:
   linear layers), ``lora``, ``dora``, ``ia3``; ``virtual_tokens`` (the shared house of those that add virtual
   positions), ``prefix``, ``prompt``; ``freeze`` (freezing choices); a registry in ``methods/__init__``
   (``methods.get("lora")``);
-* engine: ``train`` (one loop, memory measured in a real step), ``runlog`` (run records and the run log),
-  ``stats`` (intervals, paired tests, verdicts), ``measure`` (accuracy, forgetting, memory tables), ``study``
-  (resumable grids), ``showdown`` (notebook 05's measurements), ``planner`` (memory predicted from a config),
+* engine: ``train`` (one loop), ``memory`` (a step's memory measured part by part, the peak, the textbook
+  arithmetic), ``runlog`` (run records and the run log), ``stats`` (intervals, paired tests, verdicts), ``measure``
+  (accuracy, forgetting), ``study`` (resumable grids), ``showdown`` (notebook 05's measurements),
+  ``showdown_grid`` (the shipped grid of 05: its definition, its results, their provenance), ``promises`` (PEFT's
+  promises judged from the numbers; which method when), ``planner`` (memory predicted from a config),
   ``baselines`` (the runs notebooks compare against);
 * face: ``plots``, ``widgets`` (panels), ``notebook`` (notebook helpers), ``exercises`` (exercise checks),
   ``colab`` (every notebook's first cell), ``run_notebooks`` (the runner of ``make run``, which stamps each saved

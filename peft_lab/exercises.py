@@ -396,3 +396,99 @@ def _labels_mistake(got, want, labels):
     if not torch.equal(got, want):
         return "the labels must be P values of -100 in front of the input's own labels, unchanged"
     return None
+
+
+# --- answers computed here, out of the learner's sight (notebooks 01-04's counting exercises) -------------------
+# Each check builds what the question asks about and counts it itself, so the notebook cell holds only the
+# learner's answer: the expected value is never in plain view.
+
+def _answer(name: str, answer, expected) -> Verdict:
+    """``notebook.check`` (it prints the verdict), returned as a ``Verdict``; floats within 0.1 %."""
+    from . import notebook
+
+    tol = 1e-3 if isinstance(expected, float) else 1e-6
+    notebook.check(name, answer, expected, tol=tol)
+    if answer is None or answer is ...:
+        return Verdict(name, False, "not answered")
+    try:
+        passed = (abs(float(answer) - expected) <= tol * max(1.0, abs(expected)) if isinstance(expected, float)
+                  else notebook._same_form(answer, expected))
+    except (TypeError, ValueError):
+        passed = False
+    return Verdict(name, bool(passed), "")
+
+
+def check_last4_memory(answer, base) -> Verdict:
+    """01 (b): MiB of weights + gradients + AdamW for training the last four blocks (textbook formula)."""
+    from . import measure, models
+
+    counts = freeze.count(freeze.apply(models.frozen_copy(base), "last_n", n=4, verbose=False))
+    return _answer("memory of last-4 training", answer,
+                   float(measure.predicted_memory(counts["total"], counts["trainable"])["frozen base in float32"]))
+
+
+def check_lora_parameter_count(answer, base) -> Verdict:
+    """02 (a): parameters LoRA trains with r = 16 on k_proj and v_proj."""
+    from . import models
+
+    model = lora.apply(models.frozen_copy(base), rank=16, targets=["k_proj", "v_proj"])
+    return _answer("LoRA parameters (r=16, k and v)", answer, freeze.count(model)["trainable"])
+
+
+def check_prefix_parameter_count(answer, frozen) -> Verdict:
+    """03 (a): numbers held by a folded prefix of P = 20."""
+    return _answer("parameters of a P=20 prefix", answer, prefix.count_prefix_parameters(prefix.apply(frozen, 20)))
+
+
+def check_mlp_parameter_count(answer, frozen) -> Verdict:
+    """03 (c): parameters trained through the reparametrisation MLP (hidden 512) for P = 16."""
+    trained = sum(p.numel() for p in prefix.apply(frozen, 16, reparametrize=True).parameters() if p.requires_grad)
+    return _answer("parameters of the reparametrisation MLP", answer, trained)
+
+
+def check_prefix_keys_shape(answer, tuned) -> Verdict:
+    """03 (b): the shape of one layer's prefix keys for a batch of 4."""
+    return _answer("shape of one layer's prefix keys", answer, tuple(prefix.prefix_shapes(tuned, batch_size=4)[0]["keys"]))
+
+
+def check_last_virtual_token(answer, tokenizer, text: str, positions: int = 30) -> Verdict:
+    """04 (c): the token the last of ``positions`` virtual tokens starts as, with the text init."""
+    expected = tokenizer.convert_ids_to_tokens(prompt.text_init_ids(tokenizer, text, positions))[-1]
+    return _answer(f"token of virtual position {positions}", answer, expected)
+
+
+# --- predict, then measure (one per method notebook) ----------------------------------------------------------
+
+NO_DIFFERENCE = "no measurable difference"
+
+
+def measured_winner(results: dict, metric: str = "accuracy", lowest: bool = False) -> str:
+    """Which of ``results`` (choice -> a measured result: an ``accuracy`` result or a run's metrics) has the highest
+    (or, ``lowest=True``, the lowest) ``metric`` by a measurable margin over every other choice; otherwise
+    "no measurable difference". The verdict comes from ``stats.compare`` (paired where the items are shared)."""
+    from . import stats
+
+    value = lambda r: r[metric] if metric in r else r["accuracy"]  # noqa: E731
+    top = (min if lowest else max)(results, key=lambda k: value(results[k]))
+    beaten = "lower" if lowest else "higher"
+    if all(stats.compare(results[top], results[k], metric) == beaten for k in results if k != top):
+        return top
+    return NO_DIFFERENCE
+
+
+def check_prediction(name: str, prediction, results: dict, metric: str = "accuracy", lowest: bool = False) -> Verdict:
+    """Compare the learner's ``prediction``, written down before the experiment ran, with what it measured:
+    one of ``results``' keys, or "no measurable difference" (see ``measured_winner``)."""
+    choices = [str(k) for k in results] + [NO_DIFFERENCE]
+    if prediction is None or prediction is ...:
+        return _say(name, False, f"no prediction written - next time, write one of {choices} before the experiment "
+                                 f"runs. This run measured: {measured_winner(results, metric, lowest)}.")
+    if str(prediction) not in choices:
+        return _say(name, False, f"not yet - predict one of {choices} (you wrote {prediction!r})")
+    measured = measured_winner({str(k): v for k, v in results.items()}, metric, lowest)
+    value = lambda r: r[metric] if metric in r else r["accuracy"]  # noqa: E731
+    numbers = ", ".join(f"{k}: {value(v):.4g}" for k, v in results.items())
+    if str(prediction) == measured:
+        return _say(name, True, f"your prediction {prediction!r} is what this run measured ({numbers}).")
+    return _say(name, False, f"you predicted {prediction!r}; this run measured {measured!r} ({numbers}). Which "
+                             "assumption would have predicted that?")

@@ -27,6 +27,7 @@ from . import data as data_mod
 from .stats import (_T95, accuracy_interval, bits, compare, drift_sentence, fingerprint,  # noqa: F401
                     interval, mean_interval, paired_counts, paired_test, t95, verdict, versus, wilson)
 from . import models, train
+from .memory import BYTES, BYTES_PER_TRAINED, memory_table, predicted_memory  # noqa: F401  (memory lives in memory.py)
 from .methods import freeze
 
 
@@ -242,56 +243,6 @@ def answers(model, tokenizer, prompts, max_new_tokens: int = 6) -> list:
                                  do_sample=False, pad_token_id=tokenizer.pad_token_id)
         out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0].strip())
     return out
-
-
-# --- memory -------------------------------------------------------------------------------------
-
-# 4-bit: QLoRA's NF4 with double quantisation (Dettmers et al. 2023, section 3): half a byte a number, one 8-bit
-# scale per block of 64, and one fp32 scale per 256 of those: 0.5 + 1/64 + 4/(64 x 256), about 0.516 B. (Without
-# double quantisation, one fp32 scale per 64: 0.5625 B.)
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "4-bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
-BYTES_PER_TRAINED = 4 + 8  # an fp32 gradient and AdamW's two fp32 moments, per trainable number
-
-
-def predicted_memory(total: int, trainable: int) -> dict:
-    """Textbook MiB of weights + gradients + AdamW for each way of storing the frozen base.
-
-    Trained numbers are always fp32 (4 bytes) with a 4-byte gradient and 8 bytes of AdamW state.
-    The frozen rest costs 4 bytes a number in fp32, 2 in bf16, and about 0.516 in 4-bit NF4 (QLoRA: half
-    a byte plus a scale per block of 64). Full fine-tuning has no frozen rest: its 16 bytes per number
-    do not shrink with a half-precision base (the master weights stay fp32). Explained in notebook 00, section 6.
-    """
-    frozen = total - trainable
-    return {f"frozen base in {name}": (BYTES[name] * frozen + (4 + BYTES_PER_TRAINED) * trainable) / 2 ** 20
-            for name in ("float32", "bfloat16", "4-bit")}
-
-
-def memory_table(run) -> dict:
-    """A run's memory breakdown in MiB, with the textbook prediction beside the measurement.
-
-    Textbook: each stored number costs its dtype's bytes (4 in fp32, 2 in bf16/fp16), plus, per
-    *trainable* number, a 4-byte gradient and AdamW's two 4-byte moments. Full fine-tuning in fp32:
-    16 bytes per parameter plus activations. Under autocast, the half-precision copies of the
-    weights that a step makes are shown as "weight casts", not as activations.
-    """
-    m = run.memory if hasattr(run, "memory") else run["memory"]
-    trainable = run.trainable_params if hasattr(run, "trainable_params") else run["trainable_params"]
-    total = run.total_params if hasattr(run, "total_params") else run["total_params"]
-    mib = 2 ** 20
-    stored = m.get("weight_dtypes") or {"float32": total}
-    predicted = (sum(BYTES[d] * n for d, n in stored.items()) + BYTES_PER_TRAINED * trainable) / mib
-    optimizer = m.get("optimizer") or 0
-    measured_static = (m["weights"] + m["gradients"] + optimizer) / mib
-    return {
-        "weights MiB": m["weights"] / mib,
-        "gradients MiB": m["gradients"] / mib,
-        "optimizer MiB": optimizer / mib,
-        "weight casts MiB": m.get("weight_casts", 0) / mib,
-        "activations MiB": m["activations"] / mib,
-        "weights+grads+optimizer MiB": measured_static,
-        "textbook prediction MiB": predicted,
-        "process peak MiB": m["process_peak"] / mib,
-    }
 
 
 # --- everything at once -------------------------------------------------------------------------

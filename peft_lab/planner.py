@@ -5,7 +5,7 @@ size, layers, query and key/value heads, vocabulary, tied embeddings; no weights
 bytes one training step holds, split like ``train.fit`` measures them:
 
 * weights: the frozen base in fp32 (4 B a number), bf16 (2 B) or 4-bit NF4 as in QLoRA (the decoder's
-  linear layers at ``measure.BYTES["4-bit"]``, about 0.516 B a number with double quantisation; embeddings and norms in bf16),
+  linear layers at ``memory.BYTES["4-bit"]``, about 0.516 B a number with double quantisation; embeddings and norms in bf16),
   plus the trained numbers in fp32. Full fine-tuning keeps every weight as an fp32 master copy.
 * gradients: 4 B per trained number; optimizer: AdamW's two fp32 moments, 8 B per trained number.
 * weight casts: under half-precision autocast, the half copies of fp32 weights a step saves.
@@ -28,9 +28,9 @@ import os
 import time
 
 from . import data as data_mod
-from . import measure
+from . import memory
 from .models import LLAMA_LINEARS
-from .train import MEMORY_PARTS
+from .memory import MEMORY_PARTS
 
 CONFIG_DIR = data_mod.DATA_DIR / "model_configs"
 REQUIRED = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -159,9 +159,9 @@ def weight_bytes(cfg, method: str, base_precision: str, trainable: int) -> float
         return 4 * parameter_count(cfg)  # fp32 master weights, whatever the compute precision
     groups = parameter_groups(cfg)
     if base_precision == "4-bit":  # QLoRA: the block linears in NF4 (+ scales), the rest in bf16
-        frozen = measure.BYTES["4-bit"] * groups["linear"] + 2 * (groups["embeddings"] + groups["other"])
+        frozen = memory.BYTES["4-bit"] * groups["linear"] + 2 * (groups["embeddings"] + groups["other"])
     else:
-        frozen = measure.BYTES["float32" if base_precision == "fp32" else "bfloat16"] * parameter_count(cfg)
+        frozen = memory.BYTES["float32" if base_precision == "fp32" else "bfloat16"] * parameter_count(cfg)
     return frozen + 4 * trainable
 
 
@@ -187,7 +187,7 @@ def activation_bytes(cfg, method: str, base_precision: str = "fp32", batch: int 
                      loss: str = "label") -> int:
     """Bytes autograd saves for backward in one step of a Llama-style decoder (SmolLM2, Qwen2.5, Llama 3).
 
-    Derived tensor by tensor from what ``train.count_saved_activations`` lists on a real step (SDPA
+    Derived tensor by tensor from what ``memory.count_saved_activations`` lists on a real step (SDPA
     attention, transformers' Llama/Qwen2 blocks), per block and per token; ``a`` is the compute
     precision's bytes (4 in fp32, 2 under bf16/fp16 autocast, also for a 4-bit base):
 

@@ -168,11 +168,13 @@ def scatter(runs, x: str, y: str, ax=None, annotate: bool = True):
     return ax
 
 
-def sweep(values, results: dict, xlabel: str, ax=None, logx: bool = False, zero_shot: dict | None = None):
+def sweep(values, results: dict, xlabel: str, ax=None, logx: bool = False, zero_shot: dict | None = None,
+          from_zero: bool = False):
     """Lines of measured quantities against one swept setting (rank, prefix length ...).
 
     ``results`` maps a name to a list of numbers, or to a list of (value, low, high) triples, drawn with
     95 % interval whiskers (``measure.interval`` gives them). ``zero_shot`` adds the untrained model's line.
+    ``from_zero`` starts the axis at 0 (a KL or a size: a cut axis would magnify small differences).
     """
     ax = _axes(ax)
     lows, highs = [], []
@@ -193,7 +195,9 @@ def sweep(values, results: dict, xlabel: str, ax=None, logx: bool = False, zero_
         ax.axhspan(low, high, color="gray", alpha=0.12)
         lows.append(low)
         highs.append(high)
-    _fit_range(ax, lows, highs)
+    _fit_range(ax, lows, highs, floor=0.0 if from_zero else None)
+    if from_zero:
+        ax.set_ylim(bottom=0.0)
     ax.set_xlabel(xlabel)
     if len(results) == 1:
         ax.set_ylabel(next(iter(results)))

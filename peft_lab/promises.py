@@ -12,8 +12,7 @@ from . import stats
 from .showdown import NAMES
 
 MIB = 2 ** 20
-# The train-step memory parts summed for "memory of a step" (train.MEMORY_PARTS without the process peak)
-STEP_PARTS = ("weights", "gradients", "optimizer", "weight_casts", "activations")
+from .memory import MEMORY_PARTS as STEP_PARTS  # the parts of a step summed for "memory of a step"
 
 LITERATURE = {
     "compute": "Hu et al. (2021) report, for GPT-3 175B with LoRA on q,v: training memory 1.2 TB -> 350 GB and a "
@@ -119,9 +118,10 @@ def training_speed(methods: dict, timed: dict | None = None, time_verdicts: list
                           "can lose what it saves per step, which only time to accuracy shows.")}
 
 
-def forgetting(methods: dict, frontier_lines: list | None = None) -> dict:
+def forgetting(methods: dict, frontier_lines: list | None = None, base_unchanged: bool | None = None) -> dict:
     """Promise 3: KL on prose and fact probes kept, each method at its best learning rate against full
-    fine-tuning at its best; then the frontier's comparison at equal learning (``frontier_lines``)."""
+    fine-tuning at its best; then the frontier's comparison at equal learning (``frontier_lines``); then routed
+    use (``base_unchanged``: section 5's check that the shared base is bit for bit the same after the swaps)."""
     from .showdown_grid import paired
 
     full = methods["full"]
@@ -141,7 +141,13 @@ def forgetting(methods: dict, frontier_lines: list | None = None) -> dict:
         lines.append(f"{NAMES[r]}: KL {m['kl']['mean']:.3f} vs {full['kl']['mean']:.3f} ({kl})"
                      + (f", probes kept {m['kept_greedy']['mean']:.0%} vs {full['kept_greedy']['mean']:.0%} ({kept})" if kept else ""))
     paragraph = ("Each at its best learning rate (chosen on validation), against full fine-tuning: " + "; ".join(lines) + "."
-                 + (" At equal learning (the frontier): " + " ".join(frontier_lines) if frontier_lines else ""))
+                 + (" At equal learning (the frontier): " + " ".join(frontier_lines) if frontier_lines else "")
+                 + ("" if base_unchanged is None else
+                    " Measured with the adapter attached, as above, is how a tuned model is used for one task. Routed "
+                    "instead (inputs of other tasks sent to the base without the adapter, which prefix, prompt and "
+                    "unmerged LoRA allow and full fine-tuning and merged LoRA do not), those inputs see the base "
+                    + ("itself, bit for bit unchanged after every adapter swap of section 5: nothing is forgotten "
+                       "for them." if base_unchanged else "- but section 5 found the base CHANGED after the swaps.")))
     return {"promise": "less forgetting", "verdict": _judge(bool(less), bool(more)), "paragraph": paragraph,
             "literature": LITERATURE["forgetting"],
             "agreement": "Compare the two halves above: a method that forgets less at its best recipe but not at equal "

@@ -18,7 +18,6 @@ methods without training again.
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 
 import torch
@@ -26,6 +25,8 @@ import torch.nn.functional as F
 
 from . import data as data_mod
 from . import models
+from .memory import (HALF, MEMORY_PARTS, PeakMemory, count_saved_activations, numbers_by_dtype,  # noqa: F401
+                     optimizer_state_bytes, tensor_bytes)  # memory lives in memory.py; these names stay here too
 from .runlog import RunRecord, latest_run, load_runs, run_log_path, save_run  # noqa: F401  (the run log lives in runlog)
 
 
@@ -61,112 +62,6 @@ def loss_on(tuned, batch: dict) -> torch.Tensor:
     return F.cross_entropy(label_logits(tuned, batch).float(), batch["target"])
 
 
-# --- memory measurement -------------------------------------------------------------------------
-
-def _storage_key(t: torch.Tensor):
-    return (t.device, t.untyped_storage().data_ptr())
-
-
-HALF = (torch.bfloat16, torch.float16)
-# the parts of a step's memory, as ``fit`` measures them and the planner predicts them
-MEMORY_PARTS = ("weights", "gradients", "optimizer", "weight_casts", "activations")
-
-
-@contextlib.contextmanager
-def count_saved_activations(params, cast_dtype: torch.dtype | None = None):
-    """Count the bytes autograd saves for backward; parameters (frozen or not) are excluded: they are weights.
-
-    Under autocast a layer's fp32 weight is cast to half precision, and the cast copy is saved for
-    the backward pass. That copy is a new tensor, but it is a *weight*, not an activation: a saved
-    ``cast_dtype`` tensor equal to an fp32 weight cast to ``cast_dtype`` (or to its transpose) is
-    counted as a weight cast, on its own line. Saved tensors often share memory (views, one tensor
-    saved by two operations); each underlying storage is counted once.
-    """
-    param_storages = {_storage_key(p) for p in params}
-    by_shape = {}
-    if cast_dtype in HALF:
-        for p in params:
-            if p.dtype == torch.float32 and p.dim() == 2:
-                by_shape.setdefault(tuple(p.shape), []).append(p)
-                by_shape.setdefault(tuple(p.shape)[::-1], []).append(p)
-    seen, candidates = {}, {}
-
-    def pack(t):
-        key = _storage_key(t)
-        if key not in param_storages and key not in seen and key not in candidates:
-            if t.dtype == cast_dtype and tuple(t.shape) in by_shape:
-                candidates[key] = t  # decided after the forward pass, when the comparison cannot disturb it
-            else:
-                seen[key] = t.untyped_storage().nbytes()
-        return t
-
-    def is_weight_cast(t) -> bool:
-        # Bookkeeping, not model arithmetic, so it runs past any TorchFunctionMode: the tests' pretend
-        # accelerator (accelerator_check.py) cannot see the weight casts autocast makes inside torch, and would
-        # take ``t`` for a host tensor meeting the model's weights. On a real device both are on the same one.
-        with torch.no_grad(), torch._C.DisableTorchFunction():
-            return any(torch.equal(t, w.detach().to(cast_dtype)) or torch.equal(t, w.detach().t().to(cast_dtype))
-                       for w in by_shape[tuple(t.shape)] if w.numel() == t.numel())
-
-    result = {"bytes": 0, "weight_cast_bytes": 0}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield result
-    casts = 0
-    for key, t in candidates.items():
-        if is_weight_cast(t):
-            casts += t.untyped_storage().nbytes()
-        else:
-            seen[key] = t.untyped_storage().nbytes()
-    result["bytes"] = sum(seen.values())
-    result["weight_cast_bytes"] = casts
-
-
-class PeakMemory:
-    """The process peak while the block runs: CUDA's allocator peak, or the sampled resident set size."""
-
-    def __init__(self, device):
-        self.device = torch.device(device)
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def _rss(self) -> int:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            self._stop.wait(0.005)
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self.peak = self._rss()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, self._rss())
-
-
-def tensor_bytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
-
-
-def optimizer_state_bytes(optimizer) -> int:
-    return tensor_bytes(v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
-
-
 # --- the loop -----------------------------------------------------------------------------------
 
 def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: int = 8, max_length: int = 64,
@@ -183,34 +78,19 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
     ``lr_scale`` gives some parameters a multiple of ``lr``, by a piece of their name: LoRA+ is
     ``lr_scale={"lora_B": 16}`` (B learns 16 times faster than A). Explained in notebook 06_beyond_lora, section 4.
     """
-    params = trainable_parameters(tuned)
-    if not params:
-        raise ValueError("Nothing to train: no parameter has requires_grad. Apply a method or a freezing choice first.")
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}.")
-    half = sorted({str(p.dtype) for p in params if p.dtype != torch.float32})
-    if half:
-        raise ValueError(f"The trainable parameters are {', '.join(half)}: train fp32 master weights. For full "
-                         "fine-tuning or a freezing choice use models.fresh_copy(base), which copies in fp32.")
+    params = _checked_parameters(tuned, steps)
     device = next(tuned.parameters()).device
     dtype = models.compute_dtype(device)
-    info = getattr(tuned, "peft_lab_info", None) or getattr(getattr(tuned, "base_model", None), "peft_lab_info", {}) or {}
     unique = list({id(p): p for p in tuned.parameters()}.values())
-    record = RunRecord(
-        method=method or info.get("method", "custom"), task=task.name,
-        config={"steps": steps, "lr": lr, "batch_size": batch_size, "max_length": max_length, "seed": seed,
-                **({"lr_scale": lr_scale} if lr_scale else {}),
-                "weight_decay": weight_decay, "warmup_steps": warmup_steps, **{k: v for k, v in info.items() if k != "method"}},
-        trainable_params=sum(p.numel() for p in params), total_params=sum(p.numel() for p in unique),
-        model=_model_name(tuned), label=label,
-        device=str(device), quick=data_mod.quick_mode(),
-    )
+    record = _new_record(tuned, task, params, unique, device, method, label, steps=steps, lr=lr, batch_size=batch_size,
+                         max_length=max_length, seed=seed, lr_scale=lr_scale, weight_decay=weight_decay,
+                         warmup_steps=warmup_steps)
     torch.manual_seed(seed)
     # fused AdamW: one kernel for all parameters instead of several per tensor (GPU only)
     optimizer = torch.optim.AdamW(_param_groups(tuned, params, lr, lr_scale), lr=lr, weight_decay=weight_decay,
                                   fused=device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
-    scaler = torch.amp.GradScaler("cuda", enabled=(dtype == torch.float16))
+    scaler = torch.amp.GradScaler(device.type, enabled=(dtype == torch.float16))  # fp16 only: bf16 and fp32 need no scaling
     label_words = None if task.is_text else torch.tensor(data_mod.verbalizer_ids(task, tokenizer), device=device)
     stream = data_mod.endless_batches(task.train, task, tokenizer, batch_size, max_length, seed)
     measure_at = min(1, steps - 1)  # the memory breakdown is taken in the first step after warm-up
@@ -222,39 +102,23 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
                 batch = data_mod.to_device(next(stream), device)
                 started = time.perf_counter()
                 counting = count_saved_activations(unique, dtype) if step == measure_at else contextlib.nullcontext({})
-                with counting as saved, models.autocast(device):
-                    if task.is_text:
-                        loss = text_loss(tuned, batch)
-                    else:
-                        logits = label_logits(tuned, batch).float()
-                        loss = F.cross_entropy(logits, batch["target"])  # loss_on, keeping the logits
-                if not task.is_text:
-                    with torch.no_grad():  # the same logits judged over the label words alone: what accuracy sees
-                        record.label_losses.append(F.cross_entropy(logits[:, label_words], batch["label"]).item())
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(_non_finite_message(loss, step, lr, dtype))
-                scaler.scale(loss).backward()
-                if step == measure_at:
-                    grad_bytes = tensor_bytes(p.grad for p in params if p.grad is not None)
+                with counting as saved:
+                    loss = _forward_and_backward(tuned, task, batch, label_words, scaler, record, step, lr, dtype)
+                if step == measure_at:  # gradients exist now, before the optimizer step frees them
+                    record.memory = _memory_snapshot(unique, params, saved, batch)
+                scale = scaler.get_scale()
                 scaler.step(optimizer)
                 scaler.update()
-                schedule.step()
+                if scaler.get_scale() < scale:  # fp16: an inf/nan gradient, the step skipped and the scale halved
+                    record.config["skipped_steps"] = record.config.get("skipped_steps", 0) + 1
+                else:  # the warm-up counts the steps that really updated the weights
+                    schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 record.step_seconds.append(time.perf_counter() - started)
                 record.tokens_per_step.append(int(batch["attention_mask"].sum()))
                 record.losses.append(loss.item())
-                if step == measure_at:
-                    record.memory = {
-                        "weights": tensor_bytes(unique),
-                        "weight_dtypes": _numbers_by_dtype(unique),
-                        "gradients": grad_bytes,
-                        "optimizer": None,
-                        "weight_casts": saved["weight_cast_bytes"],
-                        "activations": saved["bytes"],
-                        "batch": [int(x) for x in batch["input_ids"].shape],
-                    }
                 # AdamW creates its state on its first real step; under fp16 loss scaling the first
                 # steps may be skipped (inf gradients), so the state is read once it exists.
                 if record.memory and record.memory["optimizer"] is None and len(optimizer.state) == len(params):
@@ -284,6 +148,58 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
     return record
 
 
+def _checked_parameters(tuned, steps: int) -> list:
+    """The parameters ``fit`` trains, refused with a clear message when there are none, or when they are half."""
+    params = trainable_parameters(tuned)
+    if not params:
+        raise ValueError("Nothing to train: no parameter has requires_grad. Apply a method or a freezing choice first.")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}.")
+    half = sorted({str(p.dtype) for p in params if p.dtype != torch.float32})
+    if half:
+        raise ValueError(f"The trainable parameters are {', '.join(half)}: train fp32 master weights. For full "
+                         "fine-tuning or a freezing choice use models.fresh_copy(base), which copies in fp32.")
+    return params
+
+
+def _new_record(tuned, task, params, unique, device, method, label, **settings) -> RunRecord:
+    """The run's record before its first step: settings, the method's own settings, sizes, model and mode."""
+    info = getattr(tuned, "peft_lab_info", None) or getattr(getattr(tuned, "base_model", None), "peft_lab_info", {}) or {}
+    lr_scale = settings.pop("lr_scale")
+    config = {k: settings[k] for k in ("steps", "lr", "batch_size", "max_length", "seed")}
+    config.update({**({"lr_scale": lr_scale} if lr_scale else {}), "weight_decay": settings["weight_decay"],
+                   "warmup_steps": settings["warmup_steps"], **{k: v for k, v in info.items() if k != "method"}})
+    return RunRecord(method=method or info.get("method", "custom"), task=task.name, config=config,
+                     trainable_params=sum(p.numel() for p in params), total_params=sum(p.numel() for p in unique),
+                     model=_model_name(tuned), label=label, device=str(device), quick=data_mod.quick_mode())
+
+
+def _forward_and_backward(tuned, task, batch, label_words, scaler, record, step: int, lr: float, dtype):
+    """One step's loss, under autocast, and its backward pass (scaled under fp16); the label-word loss is logged."""
+    with models.autocast(data_mod.device_of(tuned)):
+        if task.is_text:
+            loss = text_loss(tuned, batch)
+        else:
+            logits = label_logits(tuned, batch).float()
+            loss = F.cross_entropy(logits, batch["target"])  # loss_on, keeping the logits
+    if not task.is_text:
+        with torch.no_grad():  # the same logits judged over the label words alone: what accuracy sees
+            record.label_losses.append(F.cross_entropy(logits[:, label_words], batch["label"]).item())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(_non_finite_message(loss, step, lr, dtype))
+    scaler.scale(loss).backward()
+    return loss
+
+
+def _memory_snapshot(unique, params, saved: dict, batch) -> dict:
+    """What the measured step holds, part by part (``memory.MEMORY_PARTS``); the optimizer's state is read once
+    AdamW has made it (after its first real step)."""
+    return {"weights": tensor_bytes(unique), "weight_dtypes": numbers_by_dtype(unique),
+            "gradients": tensor_bytes(p.grad for p in params if p.grad is not None), "optimizer": None,
+            "weight_casts": saved["weight_cast_bytes"], "activations": saved["bytes"],
+            "batch": [int(x) for x in batch["input_ids"].shape]}
+
+
 def _param_groups(tuned, params, lr: float, lr_scale: dict | None) -> list:
     """AdamW parameter groups: one at ``lr``, plus one per ``lr_scale`` entry at ``lr * factor``."""
     if not lr_scale:
@@ -304,15 +220,6 @@ def _non_finite_message(loss, step: int, lr: float, dtype) -> str:
              if dtype != torch.float16 else
              "fp16 probably overflowed: run in bf16 or fp32 (PEFT_LAB_PRECISION=fp32), or lower the learning rate")
     return f"The loss became {loss.item()} at step {step + 1}; {cause}. The tuned model may hold non-finite numbers now: start again from a fresh copy."
-
-
-def _numbers_by_dtype(tensors) -> dict:
-    """How many numbers are stored in each dtype, e.g. {"bfloat16": 134_515_008, "float32": 460_800}."""
-    counts = {}
-    for t in tensors:
-        name = str(t.dtype).replace("torch.", "")
-        counts[name] = counts.get(name, 0) + t.numel()
-    return counts
 
 
 def _model_name(tuned) -> str:

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import torch
 from IPython.display import clear_output, display
 
-from . import measure, methods, models, planner, plots, runlog, train
+from . import measure, memory, methods, models, planner, plots, runlog, train
 from .methods import freeze
 
 
@@ -132,8 +132,8 @@ def check_memory(tuned, copied: bool) -> None:
     """
     params = train.trainable_parameters(tuned)
     trainable = sum(p.numel() for p in params)
-    weights = train.tensor_bytes(tuned.parameters())
-    predicted = 12 * trainable + weights // 4
+    weights = memory.tensor_bytes(tuned.parameters())
+    predicted = memory.BYTES_PER_TRAINED * trainable + weights // 4
     free = free_memory(next(tuned.parameters()).device)
     if predicted > free:
         raise MemoryError(f"These settings need about {predicted / 2**20:,.0f} MiB more for training "

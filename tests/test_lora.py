@@ -11,7 +11,7 @@ from torch.testing import assert_close
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import make_tiny_gpt2, make_tiny_llama
-from peft_lab import lora
+from peft_lab import lora, models
 
 try:  # only the equivalence tests need peft; the others run without it
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -286,3 +286,16 @@ def test_wrong_base_load_refused(tiny_gpt2, tmp_path):
     deeper = GPT2LMHeadModel(GPT2Config(vocab_size=51, n_positions=128, n_embd=32, n_layer=3, n_head=4))
     with pytest.raises(ValueError, match=r"transformer\.h\.2"):
         lora.load(deeper, tmp_path)
+
+
+def test_update_size_is_the_mean_norm_of_the_learned_updates(tiny_llama):
+    model = lora.apply(models.frozen_copy(tiny_llama), rank=2, alpha=4, targets=["q_proj"])
+    assert lora.update_size(model) == 0.0   # B starts at zero: nothing learned yet
+    layers = list(lora.lora_layers(model).values())
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_B.weight.fill_(0.1)
+    expected = sum(float((2.0 * layer.lora_B.weight @ layer.lora_A.weight).norm()) for layer in layers) / len(layers)
+    assert lora.update_size(model) == pytest.approx(expected)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        lora.update_size(tiny_llama)

@@ -160,6 +160,8 @@ def test_the_promises_verdicts_follow_the_numbers():
     assert promises.training_speed({"full": full, "lora-all": light, "prompt": heavy})["verdict"] == "mixed here"
     assert promises.forgetting({"full": full, "lora-all": light})["verdict"] == "not borne out here"  # higher KL
     assert promises.forgetting({"full": full, "lora-all": heavy})["verdict"] == "borne out here"
+    assert "bit for bit unchanged" in promises.forgetting({"full": full, "lora-all": heavy}, base_unchanged=True)["paragraph"]
+    assert "CHANGED" in promises.forgetting({"full": full, "lora-all": heavy}, base_unchanged=False)["paragraph"]
     same = {"diff": 0.01, "low": -0.02, "high": 0.04, "only_a": 20, "only_b": 14, "n": 640, "seeds": 1, "p": 0.39,
             "verdict": "no measurable difference"}
     little = promises.little_data([(8, same)], "LoRA", "full")

@@ -163,6 +163,17 @@ def lora_layers(model):
     return layers.layers_of(model, LoRALinear)
 
 
+@torch.no_grad()
+def update_size(model) -> float:
+    """The mean Frobenius norm of the learned updates dW = scaling * B A over the model's LoRA layers: how far
+    training moved the weights. Under Adam it depends on the rank through the scaling (alpha / r shrinks it as r
+    grows, alpha / sqrt(r) keeps it about steady). Explained in notebook 02_lora, section 7."""
+    sizes = [float(layer.delta_weight().float().norm()) for layer in lora_layers(model).values()]
+    if not sizes:
+        raise ValueError("This model has no LoRA layers; apply LoRA (lora.apply) and train it first.")
+    return sum(sizes) / len(sizes)
+
+
 def linear_module_names(model):
     """Sorted short names (last part of the path) of the model's linear layers, e.g. ['c_attn', ...].
 
