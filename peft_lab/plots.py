@@ -64,11 +64,11 @@ def memory_breakdown(runs, ax=None):
             bottom += value
         table = measure.memory_table(run)
         ax.plot([i - 0.4, i + 0.4], [table["textbook prediction MiB"]] * 2, "k--",
-                label="textbook: 4 B per fp32 / 2 B per bf16 number + 12 B/trainable" if i == 0 else None)
+                label="textbook: 4 B a fp32,\n2 B a bf16 number,\n+12 B a trained one" if i == 0 else None)
     ax.set_xticks(range(len(runs)), [_label(r) for r in runs], rotation=20, ha="right")
     ax.set_ylabel("MiB")
     ax.set_title("Training memory, measured in a real step")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: never over a bar
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # outside: never over a bar
     return ax
 
 
@@ -356,9 +356,11 @@ def frontier(rows: list, recipes: dict, task_name: str, zero_shot: dict | None =
                            yerr=[[y - r["accuracy"]["low"] for y, r in zip(ys, mine)], [r["accuracy"]["high"] - y for y, r in zip(ys, mine)]],
                            fmt="o-", color=color, capsize=2, elinewidth=0.7, ecolor=color + "99",  # faint whiskers:
                            markersize=6, zorder=3 + k, label=name)                            # the points stay seen
-            for x, y, r in zip(xs, ys, mine):  # one method's labels above its points, the next one's below
-                panel.annotate(f"lr {runlog.short_number(r['lr'])}", (x, y), fontsize=7, textcoords="offset points",
-                               xytext=(5, 5 if k % 2 == 0 else -11), color=color, zorder=5)
+            ends = {0, len(mine) - 1}  # the curve runs through the rates in order: its two ends name the range
+            for j, (x, y, r) in enumerate(zip(xs, ys, mine)):  # one method's labels above its points, the next one's below
+                if j in ends:
+                    panel.annotate(f"lr {runlog.short_number(r['lr'])}", (x, y), fontsize=7, textcoords="offset points",
+                                   xytext=(5, 5 if k % 2 == 0 else -11), color=color, zorder=5)
         if zero_shot is not None:
             panel.axhline(zero_shot["accuracy"], color="gray", ls="--", label=f"zero-shot {zero_shot['accuracy']:.1%}")
         panel.set_xlabel(xlabel)
@@ -367,7 +369,8 @@ def frontier(rows: list, recipes: dict, task_name: str, zero_shot: dict | None =
     axes[1].set_xlim(left=-0.01)  # shares lost start at 0
     axes[1].xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
     axes[1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.suptitle(f"Learning against forgetting on {task_name}: each point one learning rate, 95 % intervals over seeds")
+    fig.suptitle(f"Learning against forgetting on {task_name}: each point one learning rate (the lowest and highest "
+                 "labelled), 95 % intervals over seeds")
     fig.tight_layout()
     return fig
 

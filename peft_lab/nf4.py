@@ -1,0 +1,141 @@
+"""NF4, QLoRA's 4-bit NormalFloat, from scratch: how a frozen base is stored in about half a byte a weight.
+
+1. **Sixteen levels** from the quantiles of the standard normal distribution, scaled to [-1, 1], with an exact 0
+   (8 positive, 7 negative: weights are roughly normal, so each level is used about equally often).
+2. **Blockwise absmax scaling:** every block of 64 weights is divided by its largest magnitude, so each value lands
+   in [-1, 1]; it is stored as the index (4 bits) of the nearest level, two indices to a byte (first in the high half).
+3. **Double quantisation** of the scales: the 64-weight blocks' fp32 absmax values (32/64 = 0.5 bit a weight) are
+   centred on their mean and stored in 8 bits each, in blocks of 256 with one fp32 scale each, using bitsandbytes'
+   dynamic 8-bit map: 4 + 8/64 + 32/(64 x 256), about 4.127 bits (0.516 bytes) a weight instead of 4.5 (0.5625).
+
+Against bitsandbytes (``bitsandbytes.functional.quantize_4bit(..., quant_type="nf4")``): the levels, the 4-bit codes,
+their packing and the fp32 scales are equal bit for bit, and so is the dequantised weight without double
+quantisation. With it, each 8-bit scale code here is the nearest one; bitsandbytes' CPU search picks a farther one
+for a few scales in a thousand (never a nearer one), and every block whose scale code agrees dequantises bit for bit.
+``tests/test_nf4.py`` checks all of it. The QLoRA notebook that will teach it (07) is not written yet.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+BLOCK = 64            # weights per absmax scale
+STATS_BLOCK = 256     # absmax scales per second-level scale (double quantisation)
+NF4_OFFSET = 0.9677083  # the outermost quantile: QLoRA's choice, so the extreme levels are +-1 after scaling
+
+
+def nf4_levels() -> torch.Tensor:
+    """The 16 NF4 levels, sorted: normal quantiles at evenly spaced probabilities, scaled so the largest is 1.
+
+    Positive side: 8 quantiles from ``NF4_OFFSET`` down towards 0.5; negative side: 7; plus an exact zero (a zero
+    weight, or padding, must stay zero). The probabilities are float32, the quantiles float64, as bitsandbytes does."""
+    positive = torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 9)[:-1].double())
+    negative = -torch.special.ndtri(torch.linspace(NF4_OFFSET, 0.5, 8)[:-1].double())
+    values = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).float().sort().values
+    return values / values.max()
+
+
+def dynamic_map() -> torch.Tensor:
+    """bitsandbytes' signed dynamic 8-bit map (256 values in [-1, 1]): a sign, a decimal exponent from 10^-6 to 1 and
+    a fraction whose bits shrink as the exponent grows, so small numbers keep their relative precision."""
+    data = []
+    for i in range(7):  # exponent 10^(i - 6); 2^i fraction steps between 0.1 and 1 at that exponent
+        bounds = torch.linspace(0.1, 1, 2 ** i + 1, dtype=torch.float32)
+        means = ((bounds[:-1] + bounds[1:]) / 2.0)
+        data += ((10 ** (i - 6)) * means).tolist() + (-(10 ** (i - 6)) * means).tolist()
+    data += [0.0, 1.0]
+    data += [0.0] * (256 - len(data))
+    return torch.tensor(sorted(data), dtype=torch.float32)
+
+
+def _nearest(scaled: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level for each value: which gap between neighbouring levels' midpoints holds it (a
+    value exactly on a midpoint goes to the lower level)."""
+    return torch.bucketize(scaled, (levels[:-1] + levels[1:]) / 2, out_int32=True).to(torch.uint8)
+
+
+def _blockwise(values: torch.Tensor, block: int, levels: torch.Tensor):
+    """(codes, absmax): each block of ``block`` values scaled by its largest magnitude, then the nearest level.
+    A last block shorter than ``block`` gets its own scale."""
+    flat = values.reshape(-1).float()
+    full = flat.numel() - flat.numel() % block
+    pieces = [flat[:full].view(-1, block)] + ([flat[full:].view(1, -1)] if full < flat.numel() else [])
+    codes, scales = [], []
+    for piece in pieces:
+        absmax = piece.abs().amax(dim=1)
+        # multiply by the reciprocal (not divide): the same rounding as bitsandbytes
+        scaled = (piece * (1.0 / absmax.clamp(min=1e-38)).view(-1, 1)).clamp(-1, 1)
+        codes.append(_nearest(scaled.reshape(-1), levels))
+        scales.append(absmax)
+    return torch.cat(codes), torch.cat(scales)
+
+
+def _rescale(codes: torch.Tensor, scales: torch.Tensor, levels: torch.Tensor, block: int) -> torch.Tensor:
+    values = levels[codes.long()]
+    full = values.numel() - values.numel() % block
+    out = torch.empty_like(values)
+    out[:full] = (values[:full].view(-1, block) * scales[: full // block].view(-1, 1)).reshape(-1)
+    if full < values.numel():
+        out[full:] = values[full:] * scales[-1]
+    return out
+
+
+ZERO_CODE = 7  # the index of the level 0.0 (7 negative levels below it)
+
+
+def pack(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes a byte, the first in the high half (an odd count is padded with a zero weight's code)."""
+    if codes.numel() % 2:
+        codes = torch.cat([codes, codes.new_full((1,), ZERO_CODE)])
+    return (codes[0::2] << 4) | codes[1::2]
+
+
+def unpack(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The codes ``pack`` stored, the first ``count`` of them."""
+    return torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:count]
+
+
+@dataclass
+class NF4Tensor:
+    """A weight stored in NF4: packed codes, the block scales (8-bit with their own scales and mean when double
+    quantised, else fp32) and the shape and dtype to dequantise to."""
+
+    packed: torch.Tensor          # uint8, two codes a byte
+    absmax: torch.Tensor          # fp32 per block of 64, or uint8 codes of the dynamic map when double quantised
+    shape: tuple
+    dtype: torch.dtype
+    stats_absmax: torch.Tensor | None = None   # double quantisation: fp32 per block of 256 scales
+    offset: float | None = None                # double quantisation: the mean the scales were centred on
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this weight takes in memory: codes, scales and second-level scales."""
+        parts = [self.packed, self.absmax] + ([self.stats_absmax] if self.stats_absmax is not None else [])
+        return sum(t.numel() * t.element_size() for t in parts) + (4 if self.offset is not None else 0)
+
+
+def quantize(weight: torch.Tensor, double_quant: bool = True) -> NF4Tensor:
+    """``weight`` in NF4, blocks of 64; with ``double_quant`` the block scales are stored in 8 bits too."""
+    codes, absmax = _blockwise(weight, BLOCK, nf4_levels())
+    if not double_quant:
+        return NF4Tensor(pack(codes), absmax, tuple(weight.shape), weight.dtype)
+    offset = absmax.mean()
+    stats_codes, stats_absmax = _blockwise(absmax - offset, STATS_BLOCK, dynamic_map())
+    return NF4Tensor(pack(codes), stats_codes, tuple(weight.shape), weight.dtype, stats_absmax, float(offset))
+
+
+def block_scales(q: NF4Tensor) -> torch.Tensor:
+    """The fp32 scale of every block of 64, decoded from 8 bits when double quantised."""
+    if q.stats_absmax is None:
+        return q.absmax
+    return _rescale(q.absmax, q.stats_absmax, dynamic_map(), STATS_BLOCK) + q.offset
+
+
+def dequantize(q: NF4Tensor) -> torch.Tensor:
+    """The weight NF4 stands for: each code's level times its block's scale, in the original shape and dtype."""
+    count = 1
+    for n in q.shape:
+        count *= n
+    codes = unpack(q.packed, count)
+    return _rescale(codes, block_scales(q), nf4_levels(), BLOCK).view(q.shape).to(q.dtype)

@@ -1,0 +1,60 @@
+"""NF4 from scratch against bitsandbytes: the 16 levels, the 4-bit codes, their packing and the block scales bit for
+bit; double quantisation of the scales rounded to the nearest 8-bit code (bitsandbytes' CPU search is not always the
+nearest: where the two differ, ours is never farther from the value); and what it costs in bytes."""
+import pytest
+import torch
+
+from peft_lab import nf4
+
+F = pytest.importorskip("bitsandbytes.functional")
+
+
+def _weights(rows, cols, seed):
+    g = torch.Generator().manual_seed(seed)  # heavy-tailed, like trained weights, with a few outliers per block
+    return (torch.distributions.StudentT(4.0).sample((rows, cols)) * 0.02) if seed % 2 else torch.randn(rows, cols, generator=g) * 0.05
+
+
+def test_the_levels_and_the_dynamic_map_are_bitsandbytes_own():
+    assert torch.equal(nf4.nf4_levels(), F.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(nf4.dynamic_map(), F.create_dynamic_map())
+    levels = nf4.nf4_levels()
+    assert len(levels) == 16 and levels[7] == 0 and levels[0] == -1 and levels[-1] == 1   # an exact zero, 8 positive
+
+
+@pytest.mark.parametrize("shape, seed", [((576, 576), 0), ((192, 576), 1), ((1536, 576), 2), ((7, 9), 3)])
+def test_codes_packing_and_scales_equal_bitsandbytes(shape, seed):
+    w = _weights(*shape, seed)
+    packed, state = F.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=False)
+    ours = nf4.quantize(w, double_quant=False)
+    assert torch.equal(ours.packed, packed.reshape(-1))      # codes and their order in each byte
+    assert torch.equal(ours.absmax, state.absmax)            # one fp32 scale per block of 64
+    assert torch.equal(nf4.dequantize(ours), F.dequantize_4bit(packed, state))
+    assert torch.equal(nf4.unpack(nf4.pack(torch.tensor([1, 15, 7], dtype=torch.uint8)), 3), torch.tensor([1, 15, 7], dtype=torch.uint8))
+    assert nf4.pack(torch.tensor([1, 15], dtype=torch.uint8)).item() == 0x1F   # the first code in the high half
+
+
+@pytest.mark.parametrize("shape, seed", [((576, 576), 4), ((1536, 576), 5)])
+def test_double_quantisation_rounds_each_scale_to_its_nearest_code(shape, seed):
+    w = _weights(*shape, seed)
+    packed, state = F.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
+    ours = nf4.quantize(w, double_quant=True)
+    assert torch.equal(ours.packed, packed.reshape(-1))
+    assert ours.offset == float(state.offset) and torch.equal(ours.stats_absmax, state.state2.absmax)
+    _, scales = nf4._blockwise(w, nf4.BLOCK, nf4.nf4_levels())
+    centred = scales - ours.offset
+    per = torch.repeat_interleave(ours.stats_absmax, nf4.STATS_BLOCK)[: len(scales)]
+    x, code = centred / per, nf4.dynamic_map()
+    differ = ours.absmax != state.absmax
+    assert differ.float().mean() < 0.01   # a few scales in a thousand
+    assert bool(((x - code[ours.absmax.long()]).abs() <= (x - code[state.absmax.long()]).abs())[differ].all())
+    same_blocks = (nf4.dequantize(ours).reshape(-1, 64) == F.dequantize_4bit(packed, state).reshape(-1, 64)).all(1)
+    assert torch.equal(same_blocks, ~differ)   # every block whose scale code agrees dequantises bit for bit
+
+
+def test_bytes_per_weight():
+    w = torch.randn(1024, 1024)
+    plain, double = nf4.quantize(w, double_quant=False), nf4.quantize(w, double_quant=True)
+    assert plain.nbytes / w.numel() == pytest.approx(0.5 + 4 / 64)              # 0.5625 B
+    assert double.nbytes / w.numel() == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256), abs=1e-5)   # about 0.516 B
+    error = (nf4.dequantize(double) - w).abs().mean() / w.abs().mean()
+    assert 0.05 < error < 0.15   # about a tenth of a typical weight's size: what 16 levels can do
