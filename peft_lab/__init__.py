@@ -8,11 +8,13 @@ Floors, dependencies pointing downwards (see README.md); every module, by floor:
   linear layers), ``lora``, ``dora``, ``ia3``; ``virtual_tokens`` (the shared house of those that add virtual
   positions), ``prefix``, ``prompt``; ``freeze`` (freezing choices); a registry in ``methods/__init__``
   (``methods.get("lora")``);
-* engine: ``train`` (one loop), ``memory`` (a step's memory measured part by part, the peak, the textbook
+* engine: ``recipes`` (the named ways to fine-tune that grids and baselines build, and their names), ``train``
+  (one loop), ``memory`` (a step's memory measured part by part, the peak, the textbook
   arithmetic), ``runlog`` (run records and the run log), ``stats`` (intervals, paired tests, verdicts), ``measure``
   (accuracy, forgetting), ``study`` (resumable grids), ``showdown`` (notebook 05's measurements),
   ``showdown_grid`` (the shipped grid of 05: its definition, its results, their provenance), ``promises`` (PEFT's
-  promises judged from the numbers; which method when), ``planner`` (memory predicted from a config),
+  promises judged from the numbers; which method when), ``planner`` (memory predicted from a config), ``nf4`` (QLoRA's 4-bit
+  NormalFloat storage, from scratch),
   ``baselines`` (the runs notebooks compare against);
 * face: ``plots``, ``widgets`` (panels), ``notebook`` (notebook helpers), ``exercises`` (exercise checks),
   ``colab`` (every notebook's first cell), ``run_notebooks`` (the runner of ``make run``, which stamps each saved

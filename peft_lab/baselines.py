@@ -7,19 +7,11 @@ what they are, not by a method word alone).
 """
 from __future__ import annotations
 
-from . import measure, models, runlog, train
-from .methods import freeze, lora, prefix
+from . import measure, models, recipes, runlog, train
+from .methods import prefix
 
 PREFIX_INIT_TEXT = ("The following are customer reviews. After each review, its sentiment is given as "
                     "positive or negative.")
-
-
-def _full(base, tok):
-    return freeze.apply(models.fresh_copy(base), "full", verbose=False)
-
-
-def _lora(base, tok):
-    return lora.apply(models.frozen_copy(base), rank=8, alpha=16, targets=["q_proj", "v_proj"])
 
 
 def _prefix(base, tok):
@@ -27,12 +19,13 @@ def _prefix(base, tok):
     return prefix.apply(models.frozen_copy(base), length, init="text", init_text=PREFIX_INIT_TEXT, tokenizer=tok)
 
 
-# name -> (the method word in the run log, learning rate, how to build the tuned model): notebooks 01-03's recipes.
+# name -> (the method word in the run log, learning rate, how to build the tuned model): notebooks 01-03's recipes
+# (full fine-tuning and LoRA q,v are the shared recipes of recipes.py; the prefix starts from notebook 03's text).
 # The two full fine-tuning recipes share the method word and differ in the learning rate the lookup asks for.
 RECIPES = {
-    "full": ("full", 2e-5, _full),
-    "full, lr 1e-4": ("full", 1e-4, _full),
-    "lora": ("lora", 2e-4, _lora),
+    "full": ("full", 2e-5, recipes.full),
+    "full, lr 1e-4": ("full", 1e-4, recipes.full),
+    "lora": ("lora", 2e-4, recipes.lora_qv),
     "prefix": ("prefix", 1e-3, _prefix),
 }
 

@@ -9,7 +9,7 @@ the literature's findings are quoted as findings, with where they were measured,
 from __future__ import annotations
 
 from . import stats
-from .showdown import NAMES
+from .recipes import NAMES
 
 MIB = 2 ** 20
 from .memory import MEMORY_PARTS as STEP_PARTS  # the parts of a step summed for "memory of a step"

@@ -14,13 +14,11 @@ from pathlib import Path
 import torch
 
 from . import data as data_mod
-from . import measure, models, runlog, study, train
+from . import measure, models, recipes, runlog, study, train
 from .methods import lora
 from .methods import prompt as prompt_mod
 
-# what a learner calls each recipe in tables and figures
-NAMES = {"full": "full fine-tuning", "last-2-blocks": "last 2 blocks", "lora-qv": "LoRA r=8 (q,v)",
-         "lora-all": "LoRA r=8 (all linear)", "prefix": "prefix", "prompt": "prompt"}
+NAMES = recipes.NAMES  # what a learner calls each recipe in tables and figures
 
 
 def folder_bytes(folder) -> int:

@@ -20,35 +20,12 @@ from dataclasses import dataclass
 import torch
 
 from . import data as data_mod
-from . import measure, models, runlog, train, version
-from .methods import freeze, lora, prefix, prompt
+from . import measure, models, recipes, runlog, train, version
 
-# Instructions for the text starts of prefix and prompt tuning, per task (a text fits whole: P = its length)
-INSTRUCTIONS = {
-    "reviews": "Decide whether the following customer review is positive or negative.",
-    "review_domain": "Decide whether the following review is about a film, product, restaurant, app, book or travel.",
-}
-
-
-def _virtual_tokens(apply, base, tok, task_name, **settings):
-    """A prefix or prompt that starts from the task's instruction (one slot per token), or from random
-    vocabulary words / random values for a task without one."""
-    text = INSTRUCTIONS.get(task_name.split(",")[0])
-    if text is None:
-        return apply(base, 16, **settings)
-    return apply(base, len(tok(text, add_special_tokens=False).input_ids), init="text", init_text=text,
-                 tokenizer=tok, **settings)
-
-
-# recipe -> how to build the model it trains from the frozen base (always a copy or a wrapper: base never changes)
-RECIPES = {
-    "full": lambda base, tok, task: freeze.apply(models.fresh_copy(base), "full", verbose=False),
-    "last-2-blocks": lambda base, tok, task: freeze.apply(models.fresh_copy(base), "last_n", n=2, verbose=False),
-    "lora-qv": lambda base, tok, task: lora.apply(models.frozen_copy(base), rank=8, alpha=16, targets=["q_proj", "v_proj"]),
-    "lora-all": lambda base, tok, task: lora.apply(models.frozen_copy(base), rank=8, alpha=16, targets="all-linear"),
-    "prefix": lambda base, tok, task: _virtual_tokens(prefix.apply, models.frozen_copy(base), tok, task),
-    "prompt": lambda base, tok, task: _virtual_tokens(prompt.apply, base, tok, task),
-}
+# recipe -> how to build the model it trains from the frozen base (always a copy or a wrapper: base never changes);
+# the table lives in recipes.py, shared with the baselines and the figures' names
+RECIPES = recipes.BUILD
+INSTRUCTIONS = recipes.INSTRUCTIONS
 
 
 @dataclass(frozen=True)
