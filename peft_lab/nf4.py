@@ -139,3 +139,63 @@ def dequantize(q: NF4Tensor) -> torch.Tensor:
         count *= n
     codes = unpack(q.packed, count)
     return _rescale(codes, block_scales(q), nf4_levels(), BLOCK).view(q.shape).to(q.dtype)
+
+
+# --- a frozen base stored in NF4 (what loading a model "in 4 bits" does) ----------------------------------------
+
+class Linear4bit(torch.nn.Module):
+    """A frozen linear layer stored in NF4: each forward pass dequantises the weight (to the input's dtype), uses it
+    and lets it go, so only the codes and scales stay in memory. Nothing in it trains."""
+
+    def __init__(self, linear: torch.nn.Linear, double_quant: bool = True):
+        super().__init__()
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"Linear4bit stores an nn.Linear in NF4, got {type(linear).__name__}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        q = quantize(linear.weight.detach(), double_quant)
+        self.shape, self.dtype, self.offset = q.shape, q.dtype, q.offset
+        # buffers: they move with .to(device) and are no parameters, so no optimizer ever sees them
+        self.register_buffer("packed", q.packed)
+        self.register_buffer("absmax", q.absmax)
+        self.register_buffer("stats_absmax", q.stats_absmax)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
+
+    def stored(self) -> NF4Tensor:
+        return NF4Tensor(self.packed, self.absmax, self.shape, self.dtype, self.stats_absmax, self.offset)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight this layer stands for (out x in), in the dtype it was stored from."""
+        return dequantize(self.stored())
+
+    def forward(self, x):
+        weight = self.dequantized_weight().to(x.dtype)
+        return torch.nn.functional.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nf4, "
+                f"double_quant={self.stats_absmax is not None}")
+
+
+def quantize_model(model, double_quant: bool = True, skip=("lm_head",)):
+    """Store every linear layer of ``model`` in NF4, in place (layers named in ``skip`` stay as they are: the output
+    head shares its weight with the embeddings here). Embeddings and norms keep their dtype, as bitsandbytes does.
+    Pass a copy (``models.frozen_copy(base)``): the base itself must not change. Returns the model."""
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] not in skip]
+    if not names:
+        raise ValueError("This model has no nn.Linear layers to store in NF4 (already quantised?).")
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Linear4bit(getattr(parent, child), double_quant))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.peft_lab_storage = "nf4" + (" with double quantisation" if double_quant else "")
+    return model
+
+
+def stored_bytes(model) -> int:
+    """Bytes a model's weights take in memory: parameters and buffers, each storage counted once."""
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[(t.device, t.untyped_storage().data_ptr())] = t.untyped_storage().nbytes()
+    return sum(seen.values())

@@ -58,3 +58,37 @@ def test_bytes_per_weight():
     assert double.nbytes / w.numel() == pytest.approx(0.5 + 1 / 64 + 4 / (64 * 256), abs=1e-5)   # about 0.516 B
     error = (nf4.dequantize(double) - w).abs().mean() / w.abs().mean()
     assert 0.05 < error < 0.15   # about a tenth of a typical weight's size: what 16 levels can do
+
+
+def test_a_model_stored_in_nf4_computes_with_its_dequantised_weights(tiny_llama):
+    from peft_lab import models
+
+    ids = torch.randint(4, 40, (2, 7))
+    stored = nf4.quantize_model(models.frozen_copy(tiny_llama))
+    reference = models.frozen_copy(tiny_llama)
+    for name, layer in stored.named_modules():
+        if isinstance(layer, nf4.Linear4bit):
+            reference.get_submodule(name).weight.data = layer.dequantized_weight()
+    with torch.no_grad():
+        assert torch.equal(stored(input_ids=ids).logits, reference(input_ids=ids).logits)
+        close = tiny_llama(input_ids=ids).logits
+    assert not any(p.requires_grad for p in stored.parameters())
+    assert not any(isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] != "lm_head" for n, m in stored.named_modules())
+    assert nf4.stored_bytes(stored) < nf4.stored_bytes(tiny_llama)
+    assert (stored(input_ids=ids).logits - close).abs().max() < 1.0   # 4 bits move the logits, not far
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        nf4.quantize_model(stored)
+
+
+def test_a_4bit_layer_matches_bitsandbytes_linear4bit():
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 64)
+    theirs = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=False)
+    theirs.load_state_dict(linear.state_dict())
+    theirs = theirs.to("cpu")                      # bitsandbytes quantises when the layer moves to its device
+    ours = nf4.Linear4bit(linear, double_quant=False)
+    assert theirs.weight.dtype == torch.uint8 and torch.equal(theirs.weight.data.reshape(-1), ours.packed)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs.train()(x), atol=1e-6)   # train(): its plain dequantise-and-matmul path
