@@ -92,3 +92,37 @@ def test_a_4bit_layer_matches_bitsandbytes_linear4bit():
     x = torch.randn(3, 128)
     with torch.no_grad():
         assert torch.allclose(ours(x), theirs.train()(x), atol=1e-6)   # train(): its plain dequantise-and-matmul path
+
+
+def test_lora_over_a_4bit_base_is_qlora(tiny_llama, tokenizer, task, tmp_path):
+    from peft_lab import models, train
+    from peft_lab.methods import dora, ia3, lora
+
+    ids = torch.randint(4, 40, (2, 7))
+    quantized = nf4.quantize_model(models.frozen_copy(tiny_llama))
+    with torch.no_grad():
+        before = quantized(input_ids=ids).logits
+    codes = {n: b.clone() for n, b in quantized.named_buffers()}
+    tuned = lora.apply(quantized, rank=2, targets="all-linear")
+    with torch.no_grad():
+        assert torch.equal(tuned(input_ids=ids).logits, before)   # B = 0: the 4-bit model, unchanged
+    assert all(isinstance(layer.base, nf4.Linear4bit) for layer in lora.lora_layers(tuned).values())
+    trained = [n for n, p in tuned.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n for n in trained)
+    train.fit(tuned, tokenizer, task, steps=3, lr=1e-2, log=False, progress=False)
+    assert all(torch.equal(b, codes[n]) for n, b in tuned.named_buffers() if n in codes)   # the 4-bit base never moves
+    with torch.no_grad():
+        after = tuned(input_ids=ids).logits
+    assert not torch.equal(after, before)
+    with pytest.raises(ValueError, match="4-bit"):
+        lora.merge(tuned)
+    lora.save(tuned, tmp_path)
+    other = lora.load(nf4.quantize_model(models.frozen_copy(tiny_llama)), tmp_path)
+    with torch.no_grad():
+        assert torch.equal(other(input_ids=ids).logits, after)
+    back = lora.remove(tuned)
+    with torch.no_grad():
+        assert torch.equal(back(input_ids=ids).logits, before)
+    for method in (dora, ia3):
+        with pytest.raises(TypeError, match="4-bit"):
+            method.apply(nf4.quantize_model(models.frozen_copy(tiny_llama)))

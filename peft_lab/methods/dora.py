@@ -54,6 +54,7 @@ class DoRALinear(LoRALinear):
     ``lora_magnitude_vector`` (one number per output feature). Explained in notebook 06_beyond_lora,
     section 2.
     """
+    over_4bit = False  # DoRA reads the base weight (its norms): not over a 4-bit base
     label = "DoRA"
 
     def __init__(self, base, rank=8, alpha=16, dropout=0.0, init="kaiming", rslora=False):

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ..nf4 import Linear4bit  # a linear layer stored in 4 bits (QLoRA's base): LoRA can wrap it
 from . import base as contract
 
 CONFIG_NAME = "adapter_config.json"
@@ -47,17 +48,30 @@ class WrappedLinear(nn.Module):
     """
 
     label = "wrapped"  # the method's name in messages: "LoRA", "DoRA", "IA3"
+    over_4bit = False  # whether the method runs over a base layer stored in NF4 (nf4.Linear4bit): QLoRA is LoRA's
 
     def __init__(self, base):
         super().__init__()
-        if not isinstance(base, LINEAR_TYPES):
+        if isinstance(base, Linear4bit):
+            if not self.over_4bit:
+                raise TypeError(f"{self.label} does not run over a 4-bit (NF4) base here: its maths reads the base "
+                                "weight itself. Use LoRA (QLoRA), or a base that is not quantised.")
+            self.in_features, self.out_features = base.in_features, base.out_features
+            self.fan_in_fan_out, stored_dtype = False, base.dtype
+        elif isinstance(base, LINEAR_TYPES):
+            self.fan_in_fan_out = isinstance(base, Conv1D)
+            self.in_features, self.out_features = base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1]
+            stored_dtype = base.weight.dtype
+        else:
             raise TypeError(f"{type(self).__name__} wraps nn.Linear or Conv1D, got {type(base).__name__}")
         self.base = base.requires_grad_(False)  # the original module, kept as is: unwrap gives it back
-        self.fan_in_fan_out = isinstance(base, Conv1D)
-        self.in_features, self.out_features = base.weight.shape if self.fan_in_fan_out else base.weight.shape[::-1]
-        weight = base.weight
-        self.adapter_dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+        self.adapter_dtype = torch.float32 if stored_dtype in (torch.float16, torch.bfloat16) else stored_dtype
         self.merged = False
+
+    @property
+    def base_device(self) -> torch.device:
+        """Where the base layer's numbers live (its weight, or its 4-bit codes)."""
+        return (list(self.base.parameters()) + list(self.base.buffers()))[0].device
 
     def trained_parameters(self) -> list:
         """The numbers this wrapper trains: every parameter but the base layer's."""
@@ -80,7 +94,7 @@ def linear_modules(model) -> list:
         if isinstance(module, WrappedLinear):
             skip = (*skip, name + "." if name else "")  # "" (a bare wrapper): skip all below
             found.append((name, module))
-        elif isinstance(module, LINEAR_TYPES):
+        elif isinstance(module, (*LINEAR_TYPES, Linear4bit)):
             found.append((name, module))
     return found
 

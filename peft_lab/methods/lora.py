@@ -36,13 +36,14 @@ class LoRALinear(layers.WrappedLinear):
     Explained in notebook 02_lora, section 2.
     """
     label = "LoRA"
+    over_4bit = True  # LoRA over an NF4 base (nf4.quantize_model) is QLoRA: the base dequantised on the fly
 
     def __init__(self, base, rank=8, alpha=16, dropout=0.0, init="kaiming", rslora=False):
         if init not in ("kaiming", "gaussian"):
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}")
         super().__init__(base)  # base frozen; Conv1D noticed (only merging needs to know); fp32 over a half base
         in_f, out_f = self.in_features, self.out_features
-        kw = dict(bias=False, device=base.weight.device, dtype=self.adapter_dtype)
+        kw = dict(bias=False, device=self.base_device, dtype=self.adapter_dtype)
         self.lora_A = nn.Linear(in_f, rank, **kw)   # A: r x in
         self.lora_B = nn.Linear(rank, out_f, **kw)  # B: out x r
         if init == "kaiming":
@@ -74,6 +75,10 @@ class LoRALinear(layers.WrappedLinear):
     @torch.no_grad()
     def merge(self):
         """W <- W + dW. Explained in notebook 02_lora, section 4."""
+        if not hasattr(self.base, "weight"):
+            raise ValueError("This LoRA layer sits on a 4-bit (NF4) base: adding B A into it would mean quantising "
+                             "the sum again, which loses most of the update. Keep the adapter unmerged, or merge it "
+                             "into the original (unquantised) weights instead.")
         if not self.merged:
             self.base.weight += self.delta_weight().to(self.base.weight.dtype)
             self.merged = True
