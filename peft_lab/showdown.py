@@ -148,7 +148,7 @@ def frontier_verdicts(rows, a: str, b: str, task_name: str, runs=None) -> list:
                     kept[compare(ra, rb, "kept_greedy")] += 1
     pairs = sum(matched.values())
     if pairs:
-        lines.append(f"Of the {pairs} pairs of learning rates where the two reached accuracies with no measurable "
+        lines.append(f"Of the {pairs} pair{'s' if pairs != 1 else ''} of learning rates where the two reached accuracies with no measurable "
                      f"difference, {name_a} drifted further (higher KL) in {matched['higher']}, less far in "
                      f"{matched['lower']}, and no measurably different in {matched['no measurable difference']}.")
         if sum(kept.values()):

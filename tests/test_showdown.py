@@ -90,7 +90,7 @@ def test_frontier_sentences_follow_the_numbers():
     first, second = showdown.frontier_verdicts(rows, "lora-all", "full", "t")
     assert "lower than full fine-tuning" in first          # 0.80 +- 0.02 against 0.90 +- 0.02
     assert "lower than full fine-tuning (0.0200 vs 0.0500)" in first  # and it drifted less
-    assert "Of the 1 pairs" in second and "less far in 1" in second  # matched at 0.70: KL 0.010 < 0.030
+    assert "Of the 1 pair of" in second and "less far in 1" in second  # matched at 0.70: KL 0.010 < 0.030
     overlapping = [_row("lora-all", 1e-3, 0.80, 0.020), _row("full", 1e-4, 0.81, 0.0205)]
     first, second = showdown.frontier_verdicts(overlapping, "lora-all", "full", "t")
     assert "no measurable difference from full fine-tuning" in first

@@ -166,6 +166,9 @@ def test_the_promises_verdicts_follow_the_numbers():
             "verdict": "no measurable difference"}
     little = promises.little_data([(8, same)], "LoRA", "full")
     assert little["verdict"] == "no measurable difference here" and "paired test answers" in little["paragraph"]
+    assert little["agreement"].endswith("neither shown nor ruled out.")
+    worse = dict(same, diff=-0.05, low=-0.08, high=-0.02, verdict="lower")
+    assert promises.little_data([(8, worse)], "LoRA", "full")["agreement"].endswith("not what they show.")
     swaps = {"a": {"accuracy": [0.5, 0.5], "swap_s": 0.01}}
     mixed = {"rows": 4, "tasks": 2, "same_answers": True}
     assert promises.many_tasks(swaps, True, 40.0, mixed)["verdict"] == "borne out here"
