@@ -295,7 +295,7 @@ def test_update_size_is_the_mean_norm_of_the_learned_updates(tiny_llama):
     with torch.no_grad():
         for layer in layers:
             layer.lora_B.weight.fill_(0.1)
-    expected = sum(float((2.0 * layer.lora_B.weight @ layer.lora_A.weight).norm()) for layer in layers) / len(layers)
+    expected = sum(float((2.0 * layer.lora_B.weight @ layer.lora_A.weight).detach().norm()) for layer in layers) / len(layers)
     assert lora.update_size(model) == pytest.approx(expected)
     with pytest.raises(ValueError, match="no LoRA layers"):
         lora.update_size(tiny_llama)
