@@ -462,14 +462,18 @@ def check_last_virtual_token(answer, tokenizer, text: str, positions: int = 30) 
 NO_DIFFERENCE = "no measurable difference"
 
 
+def _measured(result: dict, metric: str):
+    """A result's ``metric``, or its accuracy (an ``accuracy`` result names no other metric)."""
+    return result[metric] if metric in result else result["accuracy"]
+
+
 def measured_winner(results: dict, metric: str = "accuracy", lowest: bool = False) -> str:
     """Which of ``results`` (choice -> a measured result: an ``accuracy`` result or a run's metrics) has the highest
     (or, ``lowest=True``, the lowest) ``metric`` by a measurable margin over every other choice; otherwise
     "no measurable difference". The verdict comes from ``stats.compare`` (paired where the items are shared)."""
     from . import stats
 
-    value = lambda r: r[metric] if metric in r else r["accuracy"]  # noqa: E731
-    top = (min if lowest else max)(results, key=lambda k: value(results[k]))
+    top = (min if lowest else max)(results, key=lambda k: _measured(results[k], metric))
     beaten = "lower" if lowest else "higher"
     if all(stats.compare(results[top], results[k], metric) == beaten for k in results if k != top):
         return top
@@ -486,8 +490,7 @@ def check_prediction(name: str, prediction, results: dict, metric: str = "accura
     if str(prediction) not in choices:
         return _say(name, False, f"not yet - predict one of {choices} (you wrote {prediction!r})")
     measured = measured_winner({str(k): v for k, v in results.items()}, metric, lowest)
-    value = lambda r: r[metric] if metric in r else r["accuracy"]  # noqa: E731
-    numbers = ", ".join(f"{k}: {value(v):.4g}" for k, v in results.items())
+    numbers = ", ".join(f"{k}: {_measured(v, metric):.4g}" for k, v in results.items())
     if str(prediction) == measured:
         return _say(name, True, f"your prediction {prediction!r} is what this run measured ({numbers}).")
     return _say(name, False, f"you predicted {prediction!r}; this run measured {measured!r} ({numbers}). Which "

@@ -70,13 +70,16 @@ def _judge(held: bool, against: bool) -> str:
         "mixed here" if held and against else "no measurable difference here"
 
 
+def _others(methods: dict):
+    """(recipe, evidence) of every method but full fine-tuning, the reference each promise is judged against."""
+    return [(r, m) for r, m in methods.items() if r != "full"]
+
+
 def compute_and_storage(methods: dict) -> dict:
     """Promise 1. ``methods``: recipe -> evidence (see ``evidence``); "full" is the reference."""
     full = methods["full"]
     parts, lighter, heavier = [], [], []
-    for r, m in methods.items():
-        if r == "full":
-            continue
+    for r, m in _others(methods):
         mem = m["step_bytes"] / full["step_bytes"]
         ckpt = full["checkpoint_bytes"] / max(1, m["checkpoint_bytes"])
         (lighter if mem < 1 else heavier).append(NAMES[r])
@@ -84,7 +87,7 @@ def compute_and_storage(methods: dict) -> dict:
                      f"{mem:.0%} of full fine-tuning's step memory ({m['step_bytes'] / MIB:.0f} vs "
                      f"{full['step_bytes'] / MIB:.0f} MiB) and writes a checkpoint {ckpt:,.0f}x smaller "
                      f"({m['checkpoint_bytes'] / MIB:.2f} MiB)")
-    frozen = max((m for r, m in methods.items() if r != "full"), key=lambda m: m["step_bytes"])
+    frozen = max((m for _, m in _others(methods)), key=lambda m: m["step_bytes"])
     why = (f" The memory falls far less than the trainable share: every method still holds the frozen weights "
            f"({frozen['memory']['weights'] / MIB:.0f} MiB here) and the activations of the step "
            f"({(frozen['memory']['activations'] + (frozen['memory'].get('weight_casts') or 0)) / MIB:.0f} MiB), which "
@@ -96,18 +99,16 @@ def compute_and_storage(methods: dict) -> dict:
                          "grows with the model (at 135M the frozen weights and activations are most of a step)."}
 
 
-def training_speed(methods: dict, timed: dict | None = None, time_verdicts: list | None = None) -> dict:
+def training_speed(methods: dict, time_verdicts: list | None = None) -> dict:
     """Promise 2: seconds per step against full fine-tuning (seed means, 95 % intervals), then time to a target
     accuracy where it was measured (``time_verdicts``: sentences of ``showdown.time_verdict``)."""
     full = methods["full"]
     faster, slower, lines = [], [], []
-    for r, m in methods.items():
-        if r == "full":
-            continue
+    for r, m in _others(methods):
         word = stats.compare(m["s_per_step"], full["s_per_step"], "seconds")
         (faster if word == "lower" else slower if word == "higher" else []).append(NAMES[r])
         lines.append(f"{NAMES[r]} {m['s_per_step']['mean']:.2f} s/step ({m['s_per_step']['mean'] / full['s_per_step']['mean']:.2f}x "
-                     f"full's {full['s_per_step']['mean']:.2f}; {word if word != 'no measurable difference' else 'no measurable difference'})")
+                     f"full's {full['s_per_step']['mean']:.2f}; {word})")
     paragraph = "Per step, over the grid's seeds: " + "; ".join(lines) + "."
     if time_verdicts:
         paragraph += " To a target accuracy: " + " ".join(time_verdicts)
@@ -126,9 +127,7 @@ def forgetting(methods: dict, frontier_lines: list | None = None, base_unchanged
 
     full = methods["full"]
     less, more, lines = [], [], []
-    for r, m in methods.items():
-        if r == "full":
-            continue
+    for r, m in _others(methods):
         kl = stats.compare(m["kl"], full["kl"], "kl")
         kept = None
         if "kept_greedy" in m and "kept_greedy" in full:  # the same known probes every run: paired where it can be
