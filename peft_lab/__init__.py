@@ -5,7 +5,7 @@ Floors, dependencies pointing downwards (see README.md); every module, by floor:
 * ground: ``models`` (loading, device, precision, the machine in words), ``data`` (tasks, batching, the
   invented facts, probes and prose), ``version`` (the code version of the package and data);
 * methods (``methods/``): ``base`` (the contract), ``layer_wrappers`` (the shared house of the methods that wrap
-  linear layers), ``lora``, ``dora``, ``ia3``; ``virtual_tokens`` (the shared house of those that add virtual
+  linear layers), ``lora``, ``dora``, ``ia3``, ``qlora`` (LoRA over a 4-bit base); ``virtual_tokens`` (the shared house of those that add virtual
   positions), ``prefix``, ``prompt``; ``freeze`` (freezing choices); a registry in ``methods/__init__``
   (``methods.get("lora")``);
 * engine: ``recipes`` (the named ways to fine-tune that grids and baselines build, and their names), ``train``
@@ -14,7 +14,8 @@ Floors, dependencies pointing downwards (see README.md); every module, by floor:
   (accuracy, forgetting), ``study`` (resumable grids), ``showdown`` (notebook 05's measurements),
   ``showdown_grid`` (the shipped grid of 05: its definition, its results, their provenance), ``promises`` (PEFT's
   promises judged from the numbers; which method when), ``planner`` (memory predicted from a config), ``nf4`` (QLoRA's 4-bit
-  NormalFloat storage, from scratch),
+  NormalFloat storage, from scratch), ``checkpointing`` (gradient checkpointing, measured), ``libraries`` (QLoRA
+  through bitsandbytes and peft, compared with ours),
   ``baselines`` (the runs notebooks compare against);
 * face: ``plots``, ``widgets`` (panels), ``notebook`` (notebook helpers), ``exercises`` (exercise checks),
   ``colab`` (every notebook's first cell), ``run_notebooks`` (the runner of ``make run``, which stamps each saved
@@ -24,6 +25,6 @@ Import the module you need, e.g. ``from peft_lab import lora`` (the method modul
 here under their short names).
 """
 
-from .methods import dora, freeze, ia3, lora, prefix, prompt  # noqa: F401  (``from peft_lab import lora`` works)
+from .methods import dora, freeze, ia3, lora, prefix, prompt, qlora  # noqa: F401  (``from peft_lab import lora`` works)
 
 __version__ = "0.1.0"

@@ -495,3 +495,85 @@ def check_prediction(name: str, prediction, results: dict, metric: str = "accura
         return _say(name, True, f"your prediction {prediction!r} is what this run measured ({numbers}).")
     return _say(name, False, f"you predicted {prediction!r}; this run measured {measured!r} ({numbers}). Which "
                              "assumption would have predicted that?")
+
+
+# --- 07: NF4 written by hand ------------------------------------------------------------------------------------
+
+def _nf4():
+    from . import nf4
+
+    return nf4
+
+
+@_guarded
+def check_nf4_levels(name, fn):
+    """``fn()`` must return NF4's 16 levels, sorted: 8 normal quantiles on the positive side, 7 on the negative, an
+    exact 0, scaled so that the largest is 1 (``nf4.nf4_levels``)."""
+    expected = _nf4().nf4_levels()
+    answer = _call(name, fn)
+    if not torch.is_tensor(answer):
+        return _not_yet(name, f"return a tensor of 16 levels (got {type(answer).__name__})")
+    answer = answer.detach().float().reshape(-1).cpu()
+    if answer.numel() != 16:
+        return _not_yet(name, f"4 bits give 16 levels, your tensor has {answer.numel()}")
+    if not bool((answer == 0).any()):
+        return _not_yet(name, "no exact 0 among the levels: a zero weight (and padding) would not come back as zero. "
+                              "Take 8 quantiles on the positive side, 7 on the negative, and 0 itself.")
+    if not bool((answer[1:] >= answer[:-1]).all()):
+        return _not_yet(name, "sort the levels in ascending order: a code is an index into the sorted levels.")
+    if abs(float(answer.abs().max()) - 1) > 1e-6:
+        return _not_yet(name, f"the largest magnitude is {float(answer.abs().max()):.4g}: divide by it, so the levels "
+                              "span [-1, 1] like the weights divided by their block's absmax.")
+    if torch.allclose(answer, -expected.flip(0), atol=1e-6):
+        return _not_yet(name, "the sides are swapped: NF4 takes 8 quantiles on the positive side and 7 on the negative.")
+    if not torch.allclose(answer, expected, atol=1e-6):
+        worst = int((answer - expected).abs().argmax())
+        return _not_yet(name, f"level {worst} is {float(answer[worst]):.5f}, NF4's is {float(expected[worst]):.5f}: "
+                              "use the normal quantiles at torch.linspace(0.9677083, 0.5, 9)[:-1] (positive side) and "
+                              "torch.linspace(0.9677083, 0.5, 8)[:-1] (negative side).")
+    return _say(name, True, "correct - the same 16 levels as nf4.nf4_levels() (and bitsandbytes).")
+
+
+@_guarded
+def check_nf4_quantize(name, fn):
+    """``fn(weight, levels)`` must return ``(packed, absmax)``: one scale per block of 64 consecutive weights (its
+    largest magnitude), each weight's code the nearest level to weight / scale, two codes a byte, the first in the
+    high half (``nf4.quantize(weight, double_quant=False)``)."""
+    nf4 = _nf4()
+    weight = torch.randn(6, 128)
+    weight[0, :5] = 0.0                      # exact zeros must stay zero
+    weight[3] *= 20                           # a block of large weights: a scale per tensor would squash the rest
+    expected = nf4.quantize(weight, double_quant=False)
+    answer = _call(name, fn, weight.clone(), nf4.nf4_levels())
+    if not (isinstance(answer, (tuple, list)) and len(answer) == 2 and all(torch.is_tensor(t) for t in answer)):
+        return _not_yet(name, "return two tensors: (packed codes, absmax per block)")
+    packed, absmax = (t.detach().cpu() for t in answer)
+    blocks = weight.numel() // nf4.BLOCK
+    if absmax.numel() == 1:
+        return _not_yet(name, f"one scale for the whole tensor: NF4 keeps one per block of {nf4.BLOCK} weights "
+                              f"({blocks} here), so one large weight does not squash every other to the zero level.")
+    if absmax.numel() != blocks:
+        return _not_yet(name, f"{absmax.numel()} scales: NF4 keeps one per block of {nf4.BLOCK} consecutive weights of "
+                              f"the flattened weight ({blocks} here; weight.reshape(-1, {nf4.BLOCK})).")
+    if not torch.allclose(absmax.float().reshape(-1), expected.absmax, rtol=1e-6):
+        return _not_yet(name, "each block's scale is its largest magnitude: .abs().amax(dim=1) over the block.")
+    if packed.numel() == weight.numel():
+        return _not_yet(name, "one code a byte: pack two 4-bit codes into each byte (uint8).")
+    if packed.numel() != expected.packed.numel():
+        return _not_yet(name, f"{packed.numel()} bytes: two codes a byte makes {expected.packed.numel()} for "
+                              f"{weight.numel()} weights.")
+    packed = packed.to(torch.uint8).reshape(-1)
+    if torch.equal(packed, expected.packed):
+        return _say(name, True, "correct - the same bytes as nf4.quantize (and bitsandbytes' quantize_4bit).")
+    swapped = (expected.packed << 4) | (expected.packed >> 4)
+    if torch.equal(packed, swapped):
+        return _not_yet(name, "the codes are packed in the wrong order: the first code of each pair goes in the high "
+                              "half of the byte, (codes[0::2] << 4) | codes[1::2].")
+    codes, wanted = nf4.unpack(packed, weight.numel()), nf4.unpack(expected.packed, weight.numel())
+    zeros = (weight.reshape(-1) == 0)
+    if not torch.equal(codes[zeros], wanted[zeros]):
+        return _not_yet(name, f"a zero weight got code {int(codes[zeros][0])}, not the code of the level 0 "
+                              f"({nf4.ZERO_CODE}): is each weight divided by its own block's scale?")
+    share = float((codes != wanted).float().mean())
+    return _not_yet(name, f"{share:.0%} of the codes differ: each code is the index of the level nearest to "
+                          "weight / its block's absmax (the midpoints between neighbouring levels decide).")

@@ -12,7 +12,7 @@ Against bitsandbytes (``bitsandbytes.functional.quantize_4bit(..., quant_type="n
 their packing and the fp32 scales are equal bit for bit, and so is the dequantised weight without double
 quantisation. With it, each 8-bit scale code here is the nearest one; bitsandbytes' CPU search picks a farther one
 for a few scales in a thousand (never a nearer one), and every block whose scale code agrees dequantises bit for bit.
-``tests/test_nf4.py`` checks all of it. The QLoRA notebook that will teach it (07) is not written yet.
+``tests/test_nf4.py`` checks all of it. Taught in notebook 07_qlora_and_memory, sections 1-3.
 """
 from __future__ import annotations
 
@@ -49,6 +49,19 @@ def dynamic_map() -> torch.Tensor:
     return torch.tensor(sorted(data), dtype=torch.float32)
 
 
+_TABLES = {}
+
+
+def _table(kind: str, device) -> torch.Tensor:
+    """``nf4_levels()`` or ``dynamic_map()`` on ``device``, made once: every forward pass of every 4-bit layer
+    dequantises with them, and building the dynamic map is a Python loop."""
+    key = (kind, torch.device(device))
+    if key not in _TABLES:
+        table = nf4_levels() if kind == "nf4" else dynamic_map()
+        _TABLES[key] = table if key[1].type == "cpu" else table.to(device)
+    return _TABLES[key]
+
+
 def _nearest(scaled: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
     """Index of the nearest level for each value: which gap between neighbouring levels' midpoints holds it (a
     value exactly on a midpoint goes to the lower level)."""
@@ -59,6 +72,7 @@ def _blockwise(values: torch.Tensor, block: int, levels: torch.Tensor):
     """(codes, absmax): each block of ``block`` values scaled by its largest magnitude, then the nearest level.
     A last block shorter than ``block`` gets its own scale."""
     flat = values.reshape(-1).float()
+    levels = flat.new_tensor(levels.tolist())  # on the weight's device: a weight on a GPU is quantised there
     full = flat.numel() - flat.numel() % block
     pieces = [flat[:full].view(-1, block)] + ([flat[full:].view(1, -1)] if full < flat.numel() else [])
     codes, scales = [], []
@@ -121,7 +135,7 @@ def quantize(weight: torch.Tensor, double_quant: bool = True) -> NF4Tensor:
     if not double_quant:
         return NF4Tensor(pack(codes), absmax, tuple(weight.shape), weight.dtype)
     offset = absmax.mean()
-    stats_codes, stats_absmax = _blockwise(absmax - offset, STATS_BLOCK, dynamic_map())
+    stats_codes, stats_absmax = _blockwise(absmax - offset, STATS_BLOCK, _table("dynamic", "cpu"))
     return NF4Tensor(pack(codes), stats_codes, tuple(weight.shape), weight.dtype, stats_absmax, float(offset))
 
 
@@ -129,7 +143,7 @@ def block_scales(q: NF4Tensor) -> torch.Tensor:
     """The fp32 scale of every block of 64, decoded from 8 bits when double quantised."""
     if q.stats_absmax is None:
         return q.absmax
-    return _rescale(q.absmax, q.stats_absmax, dynamic_map(), STATS_BLOCK) + q.offset
+    return _rescale(q.absmax, q.stats_absmax, _table("dynamic", q.absmax.device), STATS_BLOCK) + q.offset
 
 
 def dequantize(q: NF4Tensor) -> torch.Tensor:
@@ -138,7 +152,7 @@ def dequantize(q: NF4Tensor) -> torch.Tensor:
     for n in q.shape:
         count *= n
     codes = unpack(q.packed, count)
-    return _rescale(codes, block_scales(q), nf4_levels(), BLOCK).view(q.shape).to(q.dtype)
+    return _rescale(codes, block_scales(q), _table("nf4", codes.device), BLOCK).view(q.shape).to(q.dtype)
 
 
 # --- a frozen base stored in NF4 (what loading a model "in 4 bits" does) ----------------------------------------
@@ -153,27 +167,66 @@ class Linear4bit(torch.nn.Module):
             raise TypeError(f"Linear4bit stores an nn.Linear in NF4, got {type(linear).__name__}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         q = quantize(linear.weight.detach(), double_quant)
-        self.shape, self.dtype, self.offset = q.shape, q.dtype, q.offset
+        self.shape, self.dtype = q.shape, q.dtype
         # buffers: they move with .to(device) and are no parameters, so no optimizer ever sees them
         self.register_buffer("packed", q.packed)
         self.register_buffer("absmax", q.absmax)
         self.register_buffer("stats_absmax", q.stats_absmax)
+        self.register_buffer("offset", None if q.offset is None else torch.tensor(q.offset))  # in the state dict too
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def stored(self) -> NF4Tensor:
-        return NF4Tensor(self.packed, self.absmax, self.shape, self.dtype, self.stats_absmax, self.offset)
+        offset = None if self.offset is None else float(self.offset)
+        return NF4Tensor(self.packed, self.absmax, self.shape, self.dtype, self.stats_absmax, offset)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight this layer stands for (out x in), in the dtype it was stored from."""
         return dequantize(self.stored())
 
     def forward(self, x):
-        weight = self.dequantized_weight().to(x.dtype)
-        return torch.nn.functional.linear(x, weight, None if self.bias is None else self.bias.to(x.dtype))
+        return _MatMul4bit.apply(x, self)
 
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, nf4, "
                 f"double_quant={self.stats_absmax is not None}")
+
+
+class _MatMul4bit(torch.autograd.Function):
+    """``x W^T + b`` with W dequantised from NF4 for the product and let go at once. Autograd would otherwise keep the
+    dequantised W (the size of a bf16 weight) for the backward pass of every 4-bit layer, undoing the memory 4 bits
+    saved; here the backward pass dequantises W again, as bitsandbytes does. Nothing in the layer trains, so the
+    only gradient is the input's: grad_x = grad_y W."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        bias = None if layer.bias is None else layer.bias.to(x.dtype)
+        return torch.nn.functional.linear(x, layer.dequantized_weight().to(x.dtype), bias)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return grad_y @ ctx.layer.dequantized_weight().to(grad_y.dtype), None
+
+
+def layers_4bit(model) -> dict:
+    """name -> every ``Linear4bit`` in ``model``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
+
+
+def storage_numbers(model) -> dict:
+    """How many weights ``model`` stores in NF4, under the name ``memory.BYTES`` prices them by, e.g.
+    ``{"nf4 double-quantised": 106_168_320}`` (empty for a model with no 4-bit layer)."""
+    counts = {}
+    for layer in layers_4bit(model).values():
+        kind = "nf4 double-quantised" if layer.stats_absmax is not None else "nf4"
+        counts[kind] = counts.get(kind, 0) + layer.in_features * layer.out_features
+    return counts
+
+
+def storage_bytes_4bit(model) -> int:
+    """Bytes the 4-bit layers of ``model`` take: codes, scales, second-level scales (and any bias)."""
+    return sum(layer.stored().nbytes + (0 if layer.bias is None else layer.bias.numel() * layer.bias.element_size())
+               for layer in layers_4bit(model).values())
 
 
 def quantize_model(model, double_quant: bool = True, skip=("lm_head",)):

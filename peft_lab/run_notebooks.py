@@ -98,15 +98,16 @@ def drop_unshown_widgets(nb) -> int:
 TIME_LINE = re.compile(r"^\*\*Time[^*]*:\*\*.*$", re.M)
 
 
-def stamp(nb, source_path: Path, minutes: float) -> dict:
-    """Record in ``nb`` what it ran on, and write its header's time line from that record; returns the record."""
+def stamp(nb, source_path: Path, minutes: float, code_version: dict | None = None) -> dict:
+    """Record in ``nb`` what it ran on (``code_version``: taken before the run, so an edit made while it ran
+    cannot pass for the code it ran on), and write its header's time line from that record; returns the record."""
     import torch
 
     from . import data as data_mod
     from . import models
 
     mode = "quick" if data_mod.quick_mode() else "full"
-    record = {"code_version": version.code_version(source_path), "mode": mode, "minutes": round(minutes, 1),
+    record = {"code_version": code_version or version.code_version(source_path), "mode": mode, "minutes": round(minutes, 1),
               "machine": models.machine(), "precision": models.precision_summary(models.pick_device()),
               "torch": torch.__version__, "date": datetime.date.today().isoformat()}
     nb.metadata[version.METADATA_KEY] = record
@@ -130,6 +131,7 @@ def run(paths, out: Path, timeout: int = 3600) -> dict:
         print(f"running {path.name} ...", flush=True)
         nb = nbformat.read(path, as_version=4)
         started = time.perf_counter()
+        ran_on = version.code_version(path)
         os.environ["PEFT_LAB_NOTEBOOK"] = str(path.resolve())  # the kernel inherits it: its first cell prints the version
         try:
             NotebookClient(nb, timeout=timeout, kernel_name="python3",
@@ -139,8 +141,11 @@ def run(paths, out: Path, timeout: int = 3600) -> dict:
             failed[path.name] = message.splitlines()[-1] if message else type(err).__name__
             print(f"  FAILED: {failed[path.name]}", flush=True)
         seconds[path.name] = time.perf_counter() - started
+        if path.name not in failed and version.code_version(path) != ran_on:
+            failed[path.name] = "peft_lab/, data/ or the notebook changed while it ran; run it again"
+            print(f"  NOT STAMPED: {failed[path.name]}", flush=True)
         if path.name not in failed:
-            stamp(nb, path, seconds[path.name] / 60)
+            stamp(nb, path, seconds[path.name] / 60, ran_on)
         drop_training_bars(nb)
         drop_unshown_widgets(nb)
         nbformat.write(nb, out / "notebooks" / path.name)

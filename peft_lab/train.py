@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as data_mod
-from . import models
+from . import models, nf4
 from .memory import (HALF, MEMORY_PARTS, PeakMemory, count_saved_activations, numbers_by_dtype,  # noqa: F401
                      optimizer_state_bytes, tensor_bytes)  # memory lives in memory.py; these names stay here too
 from .runlog import RunRecord, latest_run, load_runs, run_log_path, save_run  # noqa: F401  (the run log lives in runlog)
@@ -105,7 +105,7 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
                 with counting as saved:
                     loss = _forward_and_backward(tuned, task, batch, label_words, scaler, record, step, lr, dtype)
                 if step == measure_at:  # gradients exist now, before the optimizer step frees them
-                    record.memory = _memory_snapshot(unique, params, saved, batch)
+                    record.memory = _memory_snapshot(tuned, unique, params, saved, batch)
                 scale = scaler.get_scale()
                 scaler.step(optimizer)
                 scaler.update()
@@ -170,7 +170,8 @@ def _new_record(tuned, task, params, unique, device, method, label, **settings) 
     config.update({**({"lr_scale": lr_scale} if lr_scale else {}), "weight_decay": settings["weight_decay"],
                    "warmup_steps": settings["warmup_steps"], **{k: v for k, v in info.items() if k != "method"}})
     return RunRecord(method=method or info.get("method", "custom"), task=task.name, config=config,
-                     trainable_params=sum(p.numel() for p in params), total_params=sum(p.numel() for p in unique),
+                     trainable_params=sum(p.numel() for p in params),
+                     total_params=sum(p.numel() for p in unique) + sum(nf4.storage_numbers(tuned).values()),
                      model=_model_name(tuned), label=label, device=str(device), quick=data_mod.quick_mode())
 
 
@@ -191,10 +192,12 @@ def _forward_and_backward(tuned, task, batch, label_words, scaler, record, step:
     return loss
 
 
-def _memory_snapshot(unique, params, saved: dict, batch) -> dict:
+def _memory_snapshot(model, unique, params, saved: dict, batch) -> dict:
     """What the measured step holds, part by part (``memory.MEMORY_PARTS``); the optimizer's state is read once
-    AdamW has made it (after its first real step)."""
-    return {"weights": tensor_bytes(unique), "weight_dtypes": numbers_by_dtype(unique),
+    AdamW has made it (after its first real step). A base stored in 4 bits keeps its weights as codes and scales
+    (buffers, not parameters): they count as weights too."""
+    return {"weights": tensor_bytes(unique) + nf4.storage_bytes_4bit(model),
+            "weight_dtypes": {**numbers_by_dtype(unique), **nf4.storage_numbers(model)},
             "gradients": tensor_bytes(p.grad for p in params if p.grad is not None), "optimizer": None,
             "weight_casts": saved["weight_cast_bytes"], "activations": saved["bytes"],
             "batch": [int(x) for x in batch["input_ids"].shape]}

@@ -113,3 +113,11 @@ def task():
 def isolated_run_log(tmp_path, monkeypatch):
     """A run log of the test's own, so tests never see each other's runs (or a user's)."""
     monkeypatch.setenv("PEFT_LAB_RUNLOG", str(tmp_path / "runs.jsonl"))
+
+
+def base_for(method: str, model):
+    """The base ``method`` attaches to: QLoRA's is the model stored in 4 bits (nf4.quantize_model), every other's the
+    model itself."""
+    from peft_lab import nf4
+
+    return nf4.quantize_model(model) if method == "qlora" else model

@@ -36,6 +36,8 @@ def refused(check, fn, capsys, *words):
     ("02_lora.py", exercises.check_lora_merge, "lora_merge"),
     ("03_prefix.py", exercises.check_prefix_for_layer, "prefix_for_layer"),
     ("04_prompt.py", exercises.check_join_prompt, "join_prompt"),
+    ("07_nf4.py", exercises.check_nf4_levels, "nf4_levels_mine"),
+    ("07_nf4.py", exercises.check_nf4_quantize, "quantize_mine"),
 ])
 def test_the_solution_passes(filename, check, function, capsys):
     verdict = check(getattr(solution(filename), function))
@@ -44,7 +46,7 @@ def test_the_solution_passes(filename, check, function, capsys):
 
 
 def test_every_solution_file_is_checked_here():
-    checked = {"01_freeze_attention_only.py", "02_lora.py", "03_prefix.py", "04_prompt.py"}
+    checked = {"01_freeze_attention_only.py", "02_lora.py", "03_prefix.py", "04_prompt.py", "07_nf4.py"}
     assert {p.name for p in SOLUTIONS.glob("*.py")} == checked
 
 
@@ -343,3 +345,63 @@ def test_an_answer_the_check_cannot_use_is_a_hint_not_a_crash(capsys):
         return inputs, mask, new_labels.float()
     verdict = exercises.check_join_prompt(float_labels)
     assert not verdict and "not yet" in capsys.readouterr().out
+
+
+# --- 07: NF4's usual mistakes are named ------------------------------------------------------------------
+
+def _levels_without_zero():
+    import torch
+    q = torch.special.ndtri(torch.linspace(0.9677083, 0.5, 9)[:-1].double()).float()
+    levels = torch.cat([q, -q]).sort().values      # 8 a side, symmetric: no exact 0
+    return levels / levels.max()
+
+
+def _levels_swapped():
+    return -solution("07_nf4.py").nf4_levels_mine().flip(0)
+
+
+def _levels_unscaled():
+    return solution("07_nf4.py").nf4_levels_mine() * 1.848
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (_levels_without_zero, ("no exact 0",)),
+    (_levels_swapped, ("sides are swapped",)),
+    (_levels_unscaled, ("largest magnitude",)),
+])
+def test_nf4_level_mistakes_are_named(wrong, words, capsys):
+    refused(exercises.check_nf4_levels, wrong, capsys, *words)
+
+
+def _per_tensor(weight, levels):
+    absmax = weight.abs().max()
+    codes = torch.bucketize((weight / absmax).reshape(-1), (levels[:-1] + levels[1:]) / 2).to(torch.uint8)
+    return (codes[0::2] << 4) | codes[1::2], absmax.reshape(1)
+
+
+def _wrong_order(weight, levels):
+    packed, absmax = solution("07_nf4.py").quantize_mine(weight, levels)
+    return (packed << 4) | (packed >> 4), absmax
+
+
+def _unpacked(weight, levels):
+    blocks = weight.reshape(-1, 64)
+    absmax = blocks.abs().amax(dim=1)
+    codes = torch.bucketize((blocks / absmax[:, None]).reshape(-1), (levels[:-1] + levels[1:]) / 2).to(torch.uint8)
+    return codes, absmax
+
+
+def _rows_as_blocks(weight, levels):
+    absmax = weight.abs().amax(dim=1)               # one scale per row instead of per 64 weights
+    codes = torch.bucketize((weight / absmax[:, None]).reshape(-1), (levels[:-1] + levels[1:]) / 2).to(torch.uint8)
+    return (codes[0::2] << 4) | codes[1::2], absmax
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (_per_tensor, ("one scale for the whole tensor",)),
+    (_wrong_order, ("wrong order", "high half")),
+    (_unpacked, ("one code a byte",)),
+    (_rows_as_blocks, ("one per block of 64",)),
+])
+def test_nf4_quantiser_mistakes_are_named(wrong, words, capsys):
+    refused(exercises.check_nf4_quantize, wrong, capsys, *words)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from peft_lab import freeze, lora, methods, models, runlog, train
-from tests.conftest import make_tiny_llama, make_tiny_task
+from tests.conftest import base_for, make_tiny_llama, make_tiny_task
 
 
 @pytest.fixture
@@ -122,8 +122,8 @@ def test_a_truncated_weights_file_is_a_clear_error(name, tiny_llama, tmp_path):
     module = methods.get(name)
     settings = {"lora": {"rank": 2, "targets": ["q_proj"]}, "dora": {"rank": 2, "targets": ["q_proj"]},
                 "prefix": {"num_virtual_tokens": 2}, "prompt": {"num_virtual_tokens": 2}}.get(name, {})
-    folder = module.save(module.apply(make_tiny_llama(), **settings), tmp_path / "adapter")
+    folder = module.save(module.apply(base_for(name, make_tiny_llama()), **settings), tmp_path / "adapter")
     weights = next(p for p in folder.iterdir() if p.suffix == ".safetensors")
     weights.write_bytes(weights.read_bytes()[:50])
     with pytest.raises(ValueError, match="damaged|truncated|corrupt"):
-        module.load(tiny_llama, folder)
+        module.load(base_for(name, tiny_llama), folder)

@@ -17,6 +17,7 @@ REGISTRY = {
     "prompt": "prompt",
     "dora": "dora",
     "ia3": "ia3",
+    "qlora": "qlora",
 }
 
 
