@@ -24,6 +24,7 @@ import torch
 
 from . import data as data_mod
 from . import train
+from .methods import freeze
 from .memory import _storage_key
 
 MIB = 2 ** 20
@@ -69,7 +70,7 @@ class _BlockInputs:
 
     def __init__(self, model):
         self.steps, self.handles = [{}], []
-        for block in _blocks(model):
+        for block in freeze.blocks(model):
             self.handles.append(block.register_forward_pre_hook(self._record, with_kwargs=True))
 
     def _record(self, module, args, kwargs):
@@ -83,14 +84,6 @@ class _BlockInputs:
     def close(self):
         for h in self.handles:
             h.remove()
-
-
-def _blocks(model):
-    """The decoder blocks of a transformers model (``model.model.layers`` in Llama-like models)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) and hasattr(module[0], "self_attn"):
-            return list(module)
-    raise ValueError("Could not find this model's decoder blocks (a ModuleList of layers with self_attn).")
 
 
 def measure(make, base, tokenizer, tokens: int, checkpointing: bool, steps: int = 4, batch_size: int = 4,

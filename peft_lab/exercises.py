@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import nf4
 from .methods import freeze, lora, prefix, prompt
 
 TINY = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -499,17 +500,11 @@ def check_prediction(name: str, prediction, results: dict, metric: str = "accura
 
 # --- 07: NF4 written by hand ------------------------------------------------------------------------------------
 
-def _nf4():
-    from . import nf4
-
-    return nf4
-
-
 @_guarded
 def check_nf4_levels(name, fn):
     """``fn()`` must return NF4's 16 levels, sorted: 8 normal quantiles on the positive side, 7 on the negative, an
     exact 0, scaled so that the largest is 1 (``nf4.nf4_levels``)."""
-    expected = _nf4().nf4_levels()
+    expected = nf4.nf4_levels()
     answer = _call(name, fn)
     if not torch.is_tensor(answer):
         return _not_yet(name, f"return a tensor of 16 levels (got {type(answer).__name__})")
@@ -539,7 +534,6 @@ def check_nf4_quantize(name, fn):
     """``fn(weight, levels)`` must return ``(packed, absmax)``: one scale per block of 64 consecutive weights (its
     largest magnitude), each weight's code the nearest level to weight / scale, two codes a byte, the first in the
     high half (``nf4.quantize(weight, double_quant=False)``)."""
-    nf4 = _nf4()
     weight = torch.randn(6, 128)
     weight[0, :5] = 0.0                      # exact zeros must stay zero
     weight[3] *= 20                           # a block of large weights: a scale per tensor would squash the rest

@@ -118,7 +118,7 @@ def qlora_with_bitsandbytes(base, four_bit, ours, tokenizer, examples, task) -> 
                      if out["merged_weight_gap"] > 0.05 else ""))
         del merged, ours_merged, with_adapter, theirs
 
-    fresh = load_4bit()
+    fresh = load_4bit()  # loaded again: merge_and_unload changed the first in place, and prepare changes this one
     before = _bytes(fresh)
     fresh = prepare_model_for_kbit_training(fresh, use_gradient_checkpointing=True)
     after = _bytes(fresh)

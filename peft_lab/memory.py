@@ -132,9 +132,9 @@ def numbers_by_dtype(tensors) -> dict:
 # 4-bit: QLoRA's NF4 with double quantisation (Dettmers et al. 2023, section 3): half a byte a number, one 8-bit
 # scale per block of 64, and one fp32 scale per 256 of those: 0.5 + 1/64 + 4/(64 x 256), about 0.516 B. (Without
 # double quantisation, one fp32 scale per 64: 0.5625 B.)
-BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "4-bit": 0.5 + 1 / 64 + 4 / (64 * 256),
-         # a base stored in NF4 as nf4.py does it, counted per weight it stands for (the run's ``weight_dtypes``)
-         "nf4 double-quantised": 0.5 + 1 / 64 + 4 / (64 * 256), "nf4": 0.5 + 4 / 64}
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "4-bit": 0.5 + 1 / 64 + 4 / (64 * 256)}
+# a base stored in NF4 as nf4.py does it, counted per weight it stands for (the run's ``weight_dtypes``)
+BYTES.update({"nf4 double-quantised": BYTES["4-bit"], "nf4": 0.5 + 4 / 64})
 BYTES_PER_TRAINED = 4 + 8  # an fp32 gradient and AdamW's two fp32 moments, per trainable number
 
 

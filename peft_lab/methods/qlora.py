@@ -12,7 +12,7 @@ of the 4-bit base); ``load`` attaches it to a 4-bit base; ``remove`` gives the 4
 ``merge``: adding B A into 4-bit codes would mean quantising the sum again. ``merged_copy`` builds the three ways
 people merge anyway, so notebook 07 can measure what each costs.
 
-Explained in notebook 07_qlora_and_memory, sections 4 and 5.
+Explained in notebook 07_qlora_and_memory, sections 5, 6 and 8.
 """
 from __future__ import annotations
 
