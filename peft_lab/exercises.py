@@ -567,7 +567,8 @@ def check_nf4_quantize(name, fn):
     zeros = (weight.reshape(-1) == 0)
     if not torch.equal(codes[zeros], wanted[zeros]):
         return _not_yet(name, f"a zero weight got code {int(codes[zeros][0])}, not the code of the level 0 "
-                              f"({nf4.ZERO_CODE}): is each weight divided by its own block's scale?")
+                              f"({nf4.ZERO_CODE}): is each code the index of the nearest of the levels passed in "
+                              "(torch.bucketize over the midpoints between them)?")
     share = float((codes != wanted).float().mean())
     return _not_yet(name, f"{share:.0%} of the codes differ: each code is the index of the level nearest to "
                           "weight / its block's absmax (the midpoints between neighbouring levels decide).")

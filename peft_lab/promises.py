@@ -49,11 +49,14 @@ def gap_words(result: dict, what: str = "points") -> str:
 
 def separation_note(result: dict) -> str:
     """For a paired comparison with no measurable difference: how many items would separate a gap of this size."""
+    if result["p"] < 0.05:  # the items separate them; only the seeds' spread keeps the verdict open
+        return (f"the paired test separates them (p = {result['p']:.1g}), but the {result['seeds']} seeds' gaps "
+                "spread too widely for the interval to exclude 0: another seed would settle it")
     need = stats.paired_items_needed(result["only_a"], result["only_b"], result["n"])
     if need is None:
         return "the two disagreed on as many items each way, so no test size would separate them"
     return (f"a gap of {abs(100 * result['diff']):.1f} points would need about {need:,} paired test answers "
-            f"({need / max(1, result['n'] / result['seeds']):.0f}x this test set's per seed) to show at the 5 % level")
+            f"({need / max(1, result['n'] / result['seeds']):.2g}x this test set's per seed) to show at the 5 % level")
 
 
 def verdict_line(name_a: str, result: dict, name_b: str) -> str:

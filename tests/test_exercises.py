@@ -397,7 +397,15 @@ def _rows_as_blocks(weight, levels):
     return (codes[0::2] << 4) | codes[1::2], absmax
 
 
+def _evenly_rounded(weight, levels):
+    blocks = weight.reshape(-1, 64)
+    absmax = blocks.abs().amax(dim=1)
+    codes = ((blocks / absmax[:, None] + 1) / 2 * 15).round().to(torch.uint8).reshape(-1)  # not the NF4 levels
+    return (codes[0::2] << 4) | codes[1::2], absmax
+
+
 @pytest.mark.parametrize("wrong, words", [
+    (_evenly_rounded, ("nearest of the levels",)),
     (_per_tensor, ("one scale for the whole tensor",)),
     (_wrong_order, ("wrong order", "high half")),
     (_unpacked, ("one code a byte",)),

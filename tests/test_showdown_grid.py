@@ -213,3 +213,19 @@ def test_paired_grid_runs_need_shared_items():
     assert showdown_grid.paired(a, {2: b[1]}) is None
     zero_shot = {"accuracy": 0.25, "n": 4, "correct": "1000", "items": "same"}
     assert showdown_grid.paired(a, {s: zero_shot for s in a})["only_a"] == 3
+
+
+def test_the_separation_note_says_when_only_the_seeds_keep_a_verdict_open():
+    from peft_lab import promises, stats
+
+    # two seeds on 640 items each: the items separate A from B clearly, but the seeds' gaps disagree in size
+    a1, b1 = {"correct": "1" * 640, "items": "x", "test_n": 640}, {"correct": "1" * 600 + "0" * 40, "items": "x", "test_n": 640}
+    a2, b2 = {"correct": "1" * 640, "items": "x", "test_n": 640}, {"correct": "1" * 638 + "0" * 2, "items": "x", "test_n": 640}
+    result = stats.paired_over_seeds([(a1, b1), (a2, b2)])
+    assert result["p"] < 0.05 and result["verdict"] == "no measurable difference"
+    assert "another seed would settle it" in promises.separation_note(result)
+    # one seed, a small gap the test cannot see: the note says how many items would, as a ratio that is never "0x"
+    few = stats.paired_over_seeds([({"correct": "1" * 320 + "0" * 320, "items": "x", "test_n": 640},
+                                    {"correct": "1" * 318 + "0" * 322, "items": "x", "test_n": 640})])
+    note = promises.separation_note(few)
+    assert "paired test answers" in note and " 0x" not in note
