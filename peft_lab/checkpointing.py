@@ -9,9 +9,12 @@ bit for bit.
 
 How it is measured: ``train.fit`` counts, on one step, every tensor autograd saves for the backward pass
 (``memory.count_saved_activations``; each storage once). Inside a checkpointed block autograd saves nothing (the
-checkpoint keeps a placeholder instead), so that count covers what lies outside the blocks; the blocks' own inputs,
-which the checkpoint keeps to run them again, are counted here with a hook on every block. Tensor by tensor, the
-same on a CPU and a GPU, where the process's memory would mix in the allocator's caching.
+checkpoint keeps a placeholder instead). What the checkpoint keeps to run a block again is the block's input: the
+hidden states, which it saves through autograd (so fit's count already holds them), and the keyword inputs (the
+rotary cos/sin, the attention mask), which transformers binds into the function to run again (held, but invisible
+to a count of saved tensors). A hook on every block records both; the keyword inputs are added to fit's count. Tensor by tensor, the same on a CPU and a GPU, where the
+process's memory would mix in the allocator's caching. What the count leaves out is the peak of the backward pass,
+when one block's insides are computed again and freed before the next block's.
 
 Explained in notebook 07_qlora_and_memory, section 7.
 """
@@ -65,21 +68,31 @@ def _tensors_in(value):
 
 
 class _BlockInputs:
-    """The bytes of the tensors handed to the model's blocks, step by step (each storage once; a block run again
-    in the backward pass gets the same tensors, so it adds nothing)."""
+    """The tensors handed to the model's blocks, step by step, each storage once: positional arguments (the hidden
+    states) and keyword arguments (the rotary cos/sin, the attention mask) apart. A block run again in the backward
+    pass gets the same tensors, so it adds nothing."""
 
     def __init__(self, model):
-        self.steps, self.handles = [{}], []
+        self.steps, self.handles = [({}, {})], []
         for block in freeze.blocks(model):
             self.handles.append(block.register_forward_pre_hook(self._record, with_kwargs=True))
 
     def _record(self, module, args, kwargs):
-        for t in _tensors_in((args, kwargs)):
-            if not isinstance(t, torch.nn.Parameter):
-                self.steps[-1][_storage_key(t)] = t.untyped_storage().nbytes()
+        for seen, value in zip(self.steps[-1], (args, kwargs)):
+            for t in _tensors_in(value):
+                if not isinstance(t, torch.nn.Parameter):
+                    seen[_storage_key(t)] = t.untyped_storage().nbytes()
 
-    def next_step(self, record):
-        self.steps.append({})
+    def held_by_checkpoints(self, step: int = -1) -> dict:
+        """Bytes a checkpointed block holds for its recomputation: ``saved`` (its positional inputs, which torch's
+        checkpoint saves through autograd, so the count of saved tensors has them) and ``closure`` (its keyword
+        inputs, which transformers binds into the function the checkpoint calls again: held, but never saved through
+        autograd, so no count of saved tensors sees them)."""
+        args, kwargs = self.steps[step]
+        return {"saved": sum(args.values()), "closure": sum(b for k, b in kwargs.items() if k not in args)}
+
+    def next_step(self, record=None):
+        self.steps.append(({}, {}))
 
     def close(self):
         for h in self.handles:
@@ -104,11 +117,13 @@ def measure(make, base, tokenizer, tokens: int, checkpointing: bool, steps: int 
     finally:
         inputs.close()
     measured = min(1, steps - 1)  # the step fit counts the saved tensors in
-    kept_inputs = sum(inputs.steps[measured].values()) if checkpointing else 0  # else saved inside, counted by fit
+    # what the checkpoints hold of each block: its inputs (without checkpointing the blocks' own operations save
+    # them, in fit's count, not reported apart); only the keyword inputs are missing from fit's count
+    held = inputs.held_by_checkpoints(measured) if checkpointing else {"saved": 0, "closure": 0}
     del tuned
     gc.collect()
     return {"checkpointing": checkpointing, "tokens": tokens, "batch": batch_size,
-            "activations MiB": (run.memory["activations"] + kept_inputs) / MIB,
-            "of which block inputs MiB": kept_inputs / MIB,
+            "activations MiB": (run.memory["activations"] + held["closure"]) / MIB,
+            "of which block inputs MiB": (held["saved"] + held["closure"]) / MIB,
             "gradients+optimizer MiB": (run.memory["gradients"] + run.memory["optimizer"]) / MIB,
             "s/step": statistics.median(run.step_seconds[measured + 1:] or run.step_seconds), "losses": run.losses}

@@ -11,7 +11,8 @@ bytes one training step holds, split like ``train.fit`` measures them:
 * weight casts: under half-precision autocast, the half copies of fp32 weights a step saves.
 * activations: what autograd keeps for the backward pass, derived layer by layer (``activation_bytes``).
 
-Explained in notebook 05_showdown, section 7.
+Explained in notebook 05_showdown, section 7; checked against measured steps with a 4-bit base and gradient
+checkpointing, and used for bigger models and sharding, in 07_qlora_and_memory, section 10.
 
 ``check_against_measurement`` runs real steps with ``train.fit`` and sets each prediction beside the
 measurement. Its interactive face is ``widgets.planner_panel()`` (figure: ``plots.planner_bars``), with the
@@ -45,6 +46,16 @@ GiB = 2 ** 30
 # .total_memory) is 14.75 GiB: TensorFlow's device log prints "Tesla T4 computeCapability: 7.5 ... deviceMemorySize:
 # 14.75GiB" (NVIDIA/DALI#1813). A T4 computes in fp16, the same 2 bytes a number as bf16.
 T4_BYTES = int(14.75 * GiB)
+# The CUDA context (the driver and the kernels loaded so far) takes device memory before PyTorch allocates anything,
+# outside what its allocator counts: about 300 MiB since CUDA 11.7 loads kernels lazily, over 1 GB before
+# (pytorch/pytorch#107667). An assumption, not measured here (no GPU): torch.cuda.mem_get_info() after the first
+# CUDA call shows yours. The allocator's caching and fragmentation take more on top, so a plan near the limit is tight.
+CUDA_CONTEXT_BYTES = 300 * 2 ** 20
+# How a run too big for one GPU is shared out: each GPU holds a 1/N slice of the weights, gradients and optimizer
+# state and gathers one block in full while it runs it (PyTorch FSDP's full sharding, DeepSpeed ZeRO-3).
+SHARDING_HOWTO = ("FSDP or DeepSpeed ZeRO-3 through accelerate: `accelerate config` (choose FSDP, FULL_SHARD, or "
+                  "DeepSpeed stage 3), then `accelerate launch --num_processes N train.py`; see accelerate's FSDP and "
+                  "DeepSpeed guides")
 
 
 # --- configs ------------------------------------------------------------------------------------
@@ -184,8 +195,12 @@ def weight_cast_bytes(cfg, method: str, base_precision: str, rank: int, targets)
 
 def activation_bytes(cfg, method: str, base_precision: str = "fp32", batch: int = 8, seq_len: int = 64,
                      rank: int = 8, targets=("q_proj", "v_proj"), virtual_tokens: int = 20,
-                     loss: str = "label") -> int:
+                     loss: str = "label", checkpointing: bool = False, padded: bool = True) -> int:
     """Bytes autograd saves for backward in one step of a Llama-style decoder (SmolLM2, Qwen2.5, Llama 3).
+
+    With gradient ``checkpointing`` each block keeps only its input (``checkpointing.py``); what lies outside the
+    blocks is kept as without it. The backward pass then computes one block's insides again at a time:
+    ``recompute_bytes``.
 
     Derived tensor by tensor from what ``memory.count_saved_activations`` lists on a real step (SDPA
     attention, transformers' Llama/Qwen2 blocks), per block and per token; ``a`` is the compute
@@ -211,6 +226,23 @@ def activation_bytes(cfg, method: str, base_precision: str = "fp32", batch: int 
     cos/sin shared by all blocks) are included; the GPU's attention kernels save the same kinds of
     tensors, give or take padding.
     """
+    terms = _saved_terms(cfg, method, base_precision, batch, seq_len, rank, targets, virtual_tokens, loss, padded)
+    blocks = terms["kept_inputs"] if checkpointing else terms["blocks"]
+    return batch * (blocks + terms["outside"])
+
+
+def recompute_bytes(cfg, method: str, base_precision: str = "fp32", batch: int = 8, seq_len: int = 64,
+                    rank: int = 8, targets=("q_proj", "v_proj"), virtual_tokens: int = 20, loss: str = "label",
+                    padded: bool = True) -> int:
+    """With gradient checkpointing, the backward pass runs each block's forward pass again and holds that one
+    block's saved tensors until its gradients are computed: the extra peak, one block of ``activation_bytes``."""
+    return batch * _saved_terms(cfg, method, base_precision, batch, seq_len, rank, targets, virtual_tokens, loss,
+                                padded)["block"]
+
+
+def _saved_terms(cfg, method, base_precision, batch, seq_len, rank, targets, virtual_tokens, loss, padded) -> dict:
+    """Bytes per row: ``block`` (one block's saved tensors), ``blocks`` (all blocks'), ``kept_inputs`` (what the
+    blocks keep under checkpointing: their inputs) and ``outside`` (final norm, head, rotary tables, token ids)."""
     d, method = dims(cfg), _method(method)
     if loss not in ("label", "text"):
         raise ValueError(f"loss must be 'label' (one token per row, as the workbook trains) or 'text', got {loss!r}.")
@@ -229,8 +261,11 @@ def activation_bytes(cfg, method: str, base_precision: str = "fp32", batch: int 
     attn_inputs = (3 if a == 2 else 1) * a * h * tq if full else 0
     mlp_inputs = (2 if a == 2 else 1) * a * h * tq if full else 0
     # SDPA keeps q and its output (tq positions), k and v (tk positions; with a padding mask transformers
-    # repeats them to every query head first), the fp32 log-sum-exp per head, and this block's mask
-    attention = a * q_w * (2 * tq + 2 * tk) + 4 * d["heads"] * tq + a * tq * tk
+    # repeats them to every query head first, and keeps the mask; rows of equal length need neither: ``padded``),
+    # and the fp32 log-sum-exp per head
+    kv_w = q_w if padded or method == "prefix" else d["kv"] * d["hd"]
+    mask = a * tq * tk if padded or method == "prefix" else 0
+    attention = a * (2 * q_w * tq + 2 * kv_w * tk) + 4 * d["heads"] * tq + mask
     mlp = (4 if full else 3) * a * I * tq  # gate out, SiLU out, up out (+ down's input when it trains)
     lora = _lora_saved(cfg, a, tq, rank, targets) if method == "lora" else 0
     block = 2 * norm + attn_inputs + mlp_inputs + attention + mlp + lora
@@ -243,7 +278,13 @@ def activation_bytes(cfg, method: str, base_precision: str = "fp32", batch: int 
     head = 4 * d["V"] * (1 if loss == "label" else seq_len - 1)
     rope = 2 * tq * d["hd"] * (4 if full else a)  # cos and sin, computed once and shared by every block
     ids = 8 * tq if full else 0  # token ids, kept by the trained embedding lookup
-    return batch * (L * block - first_block_missing + final + head + rope + ids)
+    # under checkpointing each block keeps its input: the residual stream, in the embedding table's dtype (fp32
+    # masters for full fine-tuning and an fp32 base; bf16 for a bf16 base, and for a 4-bit one, whose embeddings stay bf16)
+    stream = 4 if full or _precision(base_precision) == "fp32" else 2
+    # (plus the one boolean attention mask every block is handed, held once, where rows are padded)
+    held_mask = tq * tk if mask else 0
+    return {"block": block, "blocks": L * block - first_block_missing, "kept_inputs": L * stream * h * tq + held_mask,
+            "outside": final + head + rope + ids}
 
 
 def _lora_saved(cfg, a: int, tq: int, rank: int, targets) -> int:
@@ -259,12 +300,18 @@ def _lora_saved(cfg, a: int, tq: int, rank: int, targets) -> int:
 
 
 def predict(cfg, method: str, base_precision: str = "fp32", batch: int = 8, seq_len: int = 64, rank: int = 8,
-            targets=("q_proj", "v_proj"), virtual_tokens: int = 20, loss: str = "label") -> dict:
-    """Predicted bytes of one training step, by part (``PARTS``) and in ``total``.
+            targets=("q_proj", "v_proj"), virtual_tokens: int = 20, loss: str = "label",
+            checkpointing: bool = False, padded: bool = True) -> dict:
+    """Predicted bytes of one training step, by part (``PARTS``, then ``recompute``) and in ``total``.
 
     ``cfg``: a name from ``configs()`` or a config dict. ``base_precision``: how the frozen base is
-    stored ("fp32", "bf16", "4-bit"); for full fine-tuning it sets the compute precision (weights stay
-    fp32 masters; a 4-bit base is only for PEFT methods, as in QLoRA).
+    stored ("fp32", "bf16", "4-bit": NF4 with double quantisation, as QLoRA stores it); for full fine-tuning it
+    sets the compute precision (weights stay fp32 masters; a 4-bit base is only for PEFT methods, as in QLoRA).
+    ``loss``: "label" (one position a row, as the workbook's tasks train) or "text" (every position: the
+    whole-text loss of pre-training and instruction tuning, whose batch x tokens x vocabulary log-probabilities
+    are often the largest activation). ``checkpointing``: gradient checkpointing (``recompute`` is then the one
+    block computed again in the backward pass, part of the peak; 0 without it). ``padded``: rows padded to the
+    longest, so attention gets a mask (the workbook's batches); False for rows of equal length (packed texts).
     """
     cfg, method, base_precision = _config(cfg), _method(method), _precision(base_precision)
     if method == "full" and base_precision == "4-bit":
@@ -284,7 +331,9 @@ def predict(cfg, method: str, base_precision: str = "fp32", batch: int = 8, seq_
         "optimizer": 8 * trainable,
         "weight_casts": weight_cast_bytes(cfg, method, base_precision, rank, targets),
         "activations": activation_bytes(cfg, method, base_precision, batch, seq_len, rank, targets,
-                                        virtual_tokens, loss),
+                                        virtual_tokens, loss, checkpointing, padded),
+        "recompute": (recompute_bytes(cfg, method, base_precision, batch, seq_len, rank, targets, virtual_tokens, loss,
+                                      padded) if checkpointing else 0),
     }
     parts["total"] = sum(parts.values())
     parts["trainable"] = trainable
@@ -328,19 +377,61 @@ def base_precision(device) -> str:
     return "fp32" if models.compute_dtype(device) == torch.float32 else "bf16"
 
 
+def sharded(cfg, method: str, base_precision: str, gpus: int, batch: int = 8, seq_len: int = 512, **settings) -> dict:
+    """Bytes on each of ``gpus`` GPUs training one model together with full sharding (FSDP, ZeRO-3): a 1/N slice of
+    the weights, gradients and optimizer state; two blocks' weights gathered in full (the one running and the next,
+    fetched ahead); and the activations of the ``batch`` rows each GPU runs. Arithmetic only: launching it is
+    accelerate's job (``SHARDING_HOWTO``)."""
+    if int(gpus) < 1:
+        raise ValueError(f"gpus must be at least 1, got {gpus}.")
+    parts = predict(cfg, method, base_precision, batch, seq_len, **settings)
+    d = dims(cfg)
+    per_block = (parameter_groups(cfg)["linear"] + parameter_groups(cfg)["other"]) / d["L"]
+    # gathered in the compute precision (FSDP's mixed precision gathers fp32 masters as bf16), or as stored when 4-bit
+    stored = 4 if base_precision == "fp32" else memory.BYTES["4-bit"] if base_precision == "4-bit" else 2
+    static = (parts["weights"] + parts["gradients"] + parts["optimizer"]) / gpus
+    gathered = 2 * per_block * stored if gpus > 1 else 0
+    # the gathered blocks arrive in the compute precision, so autocast's saved casts of whole weights give way to them
+    running = parts["activations"] + parts["recompute"] + (parts["weight_casts"] if gpus == 1 else 0)
+    return {"gpus": gpus, "sharded state": static, "gathered blocks": gathered, "activations and casts": running,
+            "per_gpu": static + gathered + running}
+
+
 def answer(cfg, method: str, base_precision: str, batch: int, seq_len: int, limit: int = T4_BYTES, **settings) -> str:
-    """One sentence: does this fit on a free T4 (14.75 GiB as PyTorch sees it), and if not, what would."""
+    """One sentence: does this fit on a free T4 (14.75 GiB as PyTorch sees it, less the CUDA context), and if not,
+    what would: another method, a smaller batch, and, where no single card holds even LoRA over a 4-bit base with
+    gradient checkpointing, the per-GPU arithmetic of sharding the run over several."""
+    usable = limit - CUDA_CONTEXT_BYTES
     total = predict(cfg, method, base_precision, batch, seq_len, **settings)["total"]
     name = _label(method, base_precision)
-    if total <= limit:
-        return f"{name} fits on a free T4: {total / GiB:.1f} GiB of {gib(limit)} GiB at batch {batch} x {seq_len} tokens."
-    fitting = [(label, t) for label, t in options(cfg, batch, seq_len, **settings) if t <= limit]
+    levers = ("with gradient checkpointing" if settings.get("checkpointing") else "no checkpointing") + \
+        (", whole-text loss" if settings.get("loss") == "text" else "")
+    if total <= usable:
+        return (f"{name} fits on a free T4: {total / GiB:.1f} GiB of the {gib(usable)} GiB left beside the CUDA context, "
+                f"at batch {batch} x {seq_len} tokens ({levers}).")
+    fitting = [(label, t) for label, t in options(cfg, batch, seq_len, **settings) if t <= usable]
     tip = (f"At batch {batch} x {seq_len}, what fits: " + "; ".join(f"{l} {t / GiB:.1f} GiB" for l, t in fitting[:4])
            if fitting else f"At batch {batch} x {seq_len} no method fits")
-    smaller = largest_batch(cfg, method, base_precision, seq_len, limit, **settings)
+    smaller = largest_batch(cfg, method, base_precision, seq_len, usable, **settings)
     keep = (f"Keeping {name}, batch {smaller} fits." if smaller else
             f"{name} does not fit even at batch 1 at this length.")
-    return f"{name} does not fit on a free T4: {total / GiB:.1f} GiB > {gib(limit)} GiB. {tip}. {keep}"
+    text = (f"{name} does not fit on a free T4 ({levers}): {total / GiB:.1f} GiB > the {gib(usable)} GiB left beside "
+            f"the CUDA context. {tip}. {keep}")
+    lean = predict(cfg, "lora", "4-bit", 1, seq_len, **{**settings, "checkpointing": True})["total"]
+    if lean > usable:
+        text += (f" No single T4 holds this model: even LoRA over a 4-bit base with checkpointing at batch 1 needs "
+                 f"{lean / GiB:.1f} GiB.")
+    if not smaller:  # the method asked for fits no single card: how many would share it (each GPU runs its own rows)
+        found = next(((n, b) for b in dict.fromkeys((batch, 1)) for n in (2, 4, 8, 16, 32, 64)
+                      if sharded(cfg, method, base_precision, n, b, seq_len, **settings)["per_gpu"] <= usable), None)
+        if found:
+            n, b = found
+            need = sharded(cfg, method, base_precision, n, b, seq_len, **settings)["per_gpu"]
+            text += (f" Sharded over {n} T4s, {b} row(s) of {seq_len} tokens a GPU, {name} needs {need / GiB:.1f} GiB "
+                     f"on each ({SHARDING_HOWTO}).")
+        else:
+            text += " Even sharded over 64 T4s at one row a GPU it would not fit: shorten the texts or checkpoint."
+    return text
 
 
 # --- against a real step ------------------------------------------------------------------------

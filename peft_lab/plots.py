@@ -11,7 +11,7 @@ from . import measure, runlog
 from .train import MEMORY_PARTS  # one list of memory parts: train measures them
 
 COLORS = {"weights": "#8da0cb", "gradients": "#fc8d62", "optimizer": "#66c2a5", "weight_casts": "#ffd92f",
-          "activations": "#e78ac3"}
+          "activations": "#e78ac3", "recompute": "#c994c7"}
 
 
 def _axes(ax, size=(6, 3.5)):
@@ -442,8 +442,10 @@ def time_to_accuracy(timed: dict, names: dict, target: float, ax=None):
     return ax
 
 
-def planner_bars(model: str, precision: str, batch: int, seq_len: int, highlight: str | None = None, ax=None):
-    """A stacked bar per method (GiB by part) at one base precision, with the free T4's 14.75 GiB as a line."""
+def planner_bars(model: str, precision: str, batch: int, seq_len: int, highlight: str | None = None, ax=None,
+                 **settings):
+    """A stacked bar per method (GiB by part) at one base precision, with the free T4's 14.75 GiB as a line and what
+    is left of it beside the CUDA context. ``settings`` go to ``planner.predict`` (``checkpointing``, ``loss``)."""
     from . import planner
 
     if ax is None:
@@ -451,14 +453,17 @@ def planner_bars(model: str, precision: str, batch: int, seq_len: int, highlight
     labels = []
     for i, method in enumerate(planner.METHODS):
         p = "bf16" if method == "full" and precision == "4-bit" else precision
-        pred, bottom = planner.predict(model, method, p, batch, seq_len), 0.0
-        for part in planner.PARTS:
+        pred, bottom = planner.predict(model, method, p, batch, seq_len, **settings), 0.0
+        for part in (*planner.PARTS, "recompute"):
             ax.bar(i, pred[part] / planner.GiB, bottom=bottom, color=COLORS[part], label=part.replace("_", " ") if i == 0 else None)
             bottom += pred[part] / planner.GiB
         if method == highlight:  # the chosen method: one outline around its whole bar
             ax.bar(i, bottom, fill=False, edgecolor="black", linewidth=1.5)
         labels.append(f"{method}\n{p} compute" if method == "full" else f"{method}\n{p} base")
     ax.axhline(planner.T4_BYTES / planner.GiB, color="#b00", linestyle="--", linewidth=1, label=f"free T4 ({planner.gib(planner.T4_BYTES)} GiB)")
+    usable = planner.T4_BYTES - planner.CUDA_CONTEXT_BYTES
+    ax.axhline(usable / planner.GiB, color="#b00", linestyle=":", linewidth=1,
+               label=f"less the CUDA context ({planner.gib(usable)} GiB)")
     ax.set_xticks(range(len(planner.METHODS)), labels, fontsize=8)
     ax.set_ylabel("GiB per training step")
     ax.set_title(f"{model}, batch {batch} x {seq_len} tokens (predicted)")

@@ -279,8 +279,8 @@ def prompt_panel(base, tokenizer, task, steps: int = 20, lr: float = 3e-2, compa
 # --- the memory planner's panel --------------------------------------------------------------------
 
 class PlannerPanel:
-    """Dropdowns (model, method, precision) and sliders (batch, sequence length): a stacked bar per method
-    with the T4's 14.75 GiB drawn in, and the answer in words. ``controls`` and ``answer`` are there for tests."""
+    """Dropdowns (model, method, precision, loss), sliders (batch, sequence length) and a checkbox (gradient
+    checkpointing): a stacked bar per method with the T4's 14.75 GiB drawn in, and the answer in words. ``controls`` and ``answer`` are there for tests."""
 
     def __init__(self, model: str = "smollm2-360m", method: str = "lora", precision: str = "bf16"):
         self.controls = {
@@ -289,6 +289,9 @@ class PlannerPanel:
             "precision": W.Dropdown(options=planner.PRECISIONS, value=precision, description="base"),
             "batch": W.IntSlider(value=8, min=1, max=64, description="batch"),
             "seq_len": W.SelectionSlider(options=[2 ** k for k in range(5, 14)], value=512, description="seq len"),
+            "checkpointing": W.Checkbox(value=False, description="gradient checkpointing"),
+            "loss": W.Dropdown(options=[("label token", "label"), ("every token (text)", "text")], value="label",
+                               description="loss on"),
         }
         self.answer = W.HTML()
         self.figure = W.Output()
@@ -307,12 +310,13 @@ class PlannerPanel:
         method, precision = v["method"], v["precision"]
         if method == "full" and precision == "4-bit":
             precision = "bf16"  # full fine-tuning keeps fp32 masters: show it with bf16 compute
-        self.answer.value = planner.answer(v["model"], method, precision, v["batch"], v["seq_len"])
+        levers = {"checkpointing": v["checkpointing"], "loss": v["loss"]}
+        self.answer.value = planner.answer(v["model"], method, precision, v["batch"], v["seq_len"], **levers)
         with self.figure:
             from IPython.display import clear_output
 
             clear_output(wait=True)
-            plots.planner_bars(v["model"], v["precision"], v["batch"], v["seq_len"], highlight=method)
+            plots.planner_bars(v["model"], v["precision"], v["batch"], v["seq_len"], highlight=method, **levers)
 
 
 def planner_panel(model: str = "smollm2-360m", method: str = "lora", precision: str = "bf16") -> PlannerPanel:

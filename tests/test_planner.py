@@ -132,7 +132,13 @@ def test_panel_builds_and_answers():
     panel.controls["model"].value = "qwen2.5-7b"
     assert panel.answer.value != before  # the answer follows the controls
     assert panel.answer.value == planner.answer("qwen2.5-7b", "lora", "bf16", 8, 512)
-    assert "> 14.75 GiB" in panel.answer.value  # the T4 as PyTorch sees it, not the 15 GiB of the label
+    panel.controls["checkpointing"].value = True
+    panel.controls["loss"].value = "text"
+    assert panel.answer.value == planner.answer("qwen2.5-7b", "lora", "bf16", 8, 512, checkpointing=True, loss="text")
+    assert "with gradient checkpointing, whole-text loss" in panel.answer.value
+    panel.controls["checkpointing"].value = False
+    # the T4 as PyTorch sees it (not the 15 GiB of the label), less the CUDA context
+    assert f"> the {planner.gib(planner.T4_BYTES - planner.CUDA_CONTEXT_BYTES)} GiB left" in panel.answer.value
 
 
 def test_the_t4_line_is_the_memory_cuda_reports():
@@ -157,3 +163,83 @@ def test_activations_with_a_loss_on_every_token(method, precision):
     loss.backward()
     pred = planner.predict(TINY, method, precision, 3, 24, rank=4, virtual_tokens=5, loss="text")
     assert pred["activations"] == pytest.approx(saved["bytes"], rel=0.10)
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("padded", [True, False])
+def test_checkpointed_activations_match_a_real_step(method, precision, padded):
+    """With gradient checkpointing each block keeps only its input; everything outside the blocks stays."""
+    from peft_lab import checkpointing
+
+    base = planner.build_model(TINY)
+    tuned = checkpointing.enable(tuned_copy(base, method, precision))
+    tuned.train()
+    ids = torch.randint(0, TINY["vocab_size"], (3, 24))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[0, 12:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    dtype = DTYPES[precision]
+    cast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else torch.autocast("cpu", enabled=False)
+    inputs = checkpointing._BlockInputs(tuned)
+    with train.count_saved_activations(unique_params(tuned), dtype) as saved, cast:
+        loss = train.text_loss(tuned, batch)
+    loss.backward()
+    inputs.close()
+    held = saved["bytes"] + inputs.held_by_checkpoints()["closure"]   # + what the checkpoints hold outside autograd
+    pred = planner.predict(TINY, method, precision, 3, 24, rank=4, loss="text", checkpointing=True, padded=padded)
+    plain = planner.predict(TINY, method, precision, 3, 24, rank=4, loss="text", padded=padded)
+    assert pred["activations"] == pytest.approx(held, rel=0.05)
+    assert pred["activations"] < plain["activations"] and 0 < pred["recompute"] < plain["activations"]
+    assert plain["recompute"] == 0
+
+
+def test_rows_of_equal_length_keep_no_mask_and_no_repeated_keys():
+    ids = torch.randint(0, TINY["vocab_size"], (3, 24))
+    base = planner.build_model(TINY)
+    tuned = tuned_copy(base, "lora", "fp32")
+    tuned.train()
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with train.count_saved_activations(unique_params(tuned), torch.float32) as saved:
+        loss = train.text_loss(tuned, batch)
+    loss.backward()
+    unpadded = planner.predict(TINY, "lora", "fp32", 3, 24, rank=4, loss="text", padded=False)["activations"]
+    padded = planner.predict(TINY, "lora", "fp32", 3, 24, rank=4, loss="text")["activations"]
+    assert unpadded == pytest.approx(saved["bytes"], rel=0.05) and unpadded < padded
+
+
+def test_checkpointing_measure_counts_each_block_input_once(tiny_llama, tokenizer):
+    """fit's count already holds the inputs the checkpoint keeps; the measurement must not add them again."""
+    from peft_lab import checkpointing
+
+    c = tiny_llama.config
+    cfg = {"model_type": "llama", "hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
+           "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+           "num_key_value_heads": c.num_key_value_heads, "vocab_size": c.vocab_size, "tie_word_embeddings": True}
+    with planner._compute_precision("fp32"):
+        got = checkpointing.measure(models.fresh_copy, tiny_llama, tokenizer, tokens=24, checkpointing=True,
+                                    steps=3, batch_size=2)
+    pred = planner.activation_bytes(cfg, "full", "fp32", 2, 24, loss="text", checkpointing=True, padded=False)
+    assert got["activations MiB"] == pytest.approx(pred / 2 ** 20, rel=0.05)
+    assert 0 < got["of which block inputs MiB"] < got["activations MiB"]
+
+
+def test_sharding_divides_the_state_and_not_the_activations():
+    one = planner.sharded("llama3-8b", "full", "bf16", 1, batch=1, seq_len=512, checkpointing=True)
+    eight = planner.sharded("llama3-8b", "full", "bf16", 8, batch=1, seq_len=512, checkpointing=True)
+    assert eight["sharded state"] == pytest.approx(one["sharded state"] / 8)
+    assert eight["gathered blocks"] > 0 == one["gathered blocks"]
+    assert eight["per_gpu"] < one["per_gpu"] / 4
+    text = planner.answer("llama3-8b", "full", "bf16", 8, 512, checkpointing=True)
+    assert "Sharded over" in text and "accelerate launch" in text
+    assert "Sharded" not in planner.answer("smollm2-135m", "lora", "bf16", 8, 64)
+    with pytest.raises(ValueError, match="gpus must be at least 1"):
+        planner.sharded("llama3-8b", "full", "bf16", 0)
+
+
+def test_the_cuda_context_counts_against_the_card():
+    total = planner.predict("smollm2-135m", "lora", "bf16", 8, 64)["total"]
+    assert "fits" in planner.answer("smollm2-135m", "lora", "bf16", 8, 64, limit=int(total + planner.CUDA_CONTEXT_BYTES))
+    assert "does not fit" in planner.answer("smollm2-135m", "lora", "bf16", 8, 64,
+                                            limit=int(total + planner.CUDA_CONTEXT_BYTES - 1))

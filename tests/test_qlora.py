@@ -94,3 +94,35 @@ def test_the_prose_task_is_as_wide_as_asked(tokenizer):
     task = checkpointing.prose_task(tokenizer, tokens=16, rows=5)
     assert len(task.train) == 5 and task.is_text
     assert all(len(tokenizer(t, add_special_tokens=False).input_ids) >= 16 for t, _ in task.train)
+
+
+def _tiny_qwen2():
+    """A tiny Qwen2 (biases on q, k and v, untied head): the other architecture the planner and the hub list name."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    return Qwen2ForCausalLM(cfg).eval()
+
+
+def test_qlora_on_a_qwen2_keeps_the_biases_and_round_trips(tmp_path):
+    base = _tiny_qwen2()
+    four_bit = nf4.quantize_model(models.frozen_copy(base))
+    layers = nf4.layers_4bit(four_bit)
+    assert len(layers) == 2 * 7                                    # every block linear, not the untied head
+    q = layers["model.layers.0.self_attn.q_proj"]
+    assert q.bias is not None and torch.equal(q.bias, base.model.layers[0].self_attn.q_proj.bias)
+    before = _logits(four_bit)
+    tuned = qlora.apply(four_bit, rank=2, targets="all-linear")
+    with torch.no_grad():
+        for layer in lora.lora_layers(tuned).values():
+            layer.lora_B.weight.normal_(std=0.05)                  # a trained-looking adapter
+    trained = _logits(tuned)
+    assert not torch.allclose(trained, before, atol=1e-4)
+    qlora.save(tuned, tmp_path)
+    again = qlora.load(nf4.quantize_model(models.frozen_copy(base)), tmp_path)
+    assert torch.equal(_logits(again), trained)
+    qlora.remove(again)
+    assert torch.equal(_logits(again), before)                     # the 4-bit base is as it was
