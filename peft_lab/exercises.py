@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from . import nf4
+from . import chat, nf4
 from .methods import freeze, lora, prefix, prompt
 
 TINY = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -572,3 +572,45 @@ def check_nf4_quantize(name, fn):
     share = float((codes != wanted).float().mean())
     return _not_yet(name, f"{share:.0%} of the codes differ: each code is the index of the level nearest to "
                           "weight / its block's absmax (the midpoints between neighbouring levels decide).")
+
+
+# --- 08: the answer-only labels of instruction tuning -----------------------------------------------------------
+
+@_guarded
+def check_answer_labels(name, fn):
+    """``fn(ids, prompt_len, end_id)`` must return the labels of one conversation: -100 on the prompt's tokens, the
+    answer's tokens themselves up to and with the first end-of-turn token after the prompt, -100 after it
+    (``chat.answer_labels``). Checked on conversations with text after the end of the turn and a second turn."""
+    cases = [([11, 12, 13, 14, 20, 21, 22, 2, 9], 4, 2),             # prompt of 4, answer of 3, end, a newline
+             ([11, 12, 20, 2, 9, 11, 12, 30, 2], 2, 2),              # a second turn after the first answer
+             ([11, 12, 13, 20, 21, 22, 23, 2], 3, 2)]                # the end-of-turn token is the last token
+    for ids, prompt_len, end_id in cases:
+        expected = chat.answer_labels(ids, prompt_len, end_id)
+        answer = _call(name, fn, list(ids), prompt_len, end_id)
+        if torch.is_tensor(answer):
+            answer = answer.tolist()
+        if not isinstance(answer, (list, tuple)) or len(answer) != len(ids):
+            return _not_yet(name, f"return one label for each of the {len(ids)} tokens (got "
+                                  f"{len(answer) if isinstance(answer, (list, tuple)) else type(answer).__name__})")
+        answer = [int(a) for a in answer]
+        if answer == expected:
+            continue
+        if answer[:-1] == expected[1:] or answer[1:] == expected[:-1]:
+            return _not_yet(name, "the labels are shifted by one: give each token its own id as label; the loss "
+                                  "(and Hugging Face's labels=) shifts them, scoring the logits at t against the "
+                                  "label at t + 1.")
+        kept = [i for i, a in enumerate(answer) if a != chat.IGNORE]
+        if any(i < prompt_len for i in kept):
+            return _not_yet(name, "the prompt is scored: its tokens must be -100, or the model spends its training on "
+                                  "predicting the question (and the system prompt) instead of the answer.")
+        end_at = next(i for i in range(prompt_len, len(ids)) if ids[i] == end_id)
+        with_end = answer[:end_at] + [expected[end_at]] + answer[end_at + 1:]
+        if answer[end_at] == chat.IGNORE and with_end == expected:
+            return _not_yet(name, "the end-of-turn token is left out: keep it, or the model never learns to stop "
+                                  "and runs on past the record.")
+        if any(i > end_at for i in kept):
+            return _not_yet(name, "tokens after the end of the turn are scored: stop at the first end-of-turn "
+                                  "token after the prompt and leave the rest -100.")
+        return _not_yet(name, f"for ids {ids} with a prompt of {prompt_len} tokens the labels should keep the answer "
+                              "and its end-of-turn token and be -100 elsewhere.")
+    return _say(name, True, "correct - the same labels as chat.answer_labels.")

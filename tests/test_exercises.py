@@ -38,6 +38,7 @@ def refused(check, fn, capsys, *words):
     ("04_prompt.py", exercises.check_join_prompt, "join_prompt"),
     ("07_nf4.py", exercises.check_nf4_levels, "nf4_levels_mine"),
     ("07_nf4.py", exercises.check_nf4_quantize, "quantize_mine"),
+    ("08_answer_labels.py", exercises.check_answer_labels, "answer_labels_mine"),
 ])
 def test_the_solution_passes(filename, check, function, capsys):
     verdict = check(getattr(solution(filename), function))
@@ -46,7 +47,8 @@ def test_the_solution_passes(filename, check, function, capsys):
 
 
 def test_every_solution_file_is_checked_here():
-    checked = {"01_freeze_attention_only.py", "02_lora.py", "03_prefix.py", "04_prompt.py", "07_nf4.py"}
+    checked = {"01_freeze_attention_only.py", "02_lora.py", "03_prefix.py", "04_prompt.py", "07_nf4.py",
+               "08_answer_labels.py"}
     assert {p.name for p in SOLUTIONS.glob("*.py")} == checked
 
 
@@ -413,3 +415,34 @@ def _evenly_rounded(weight, levels):
 ])
 def test_nf4_quantiser_mistakes_are_named(wrong, words, capsys):
     refused(exercises.check_nf4_quantize, wrong, capsys, *words)
+
+
+# --- 08: the answer-only labels, the typical wrong answers ------------------------------------------------------
+
+def _prompt_scored(ids, prompt_len, end_id):
+    return list(ids)                                             # every token its own label, the question included
+
+
+def _no_end_of_turn(ids, prompt_len, end_id):
+    labels = solution("08_answer_labels.py").answer_labels_mine(ids, prompt_len, end_id)
+    labels[ids.index(end_id, prompt_len)] = -100                 # the answer alone: the model never learns to stop
+    return labels
+
+
+def _shifted(ids, prompt_len, end_id):
+    right = solution("08_answer_labels.py").answer_labels_mine(ids, prompt_len, end_id)
+    return right[1:] + [-100]                                    # label t is token t + 1: the loss shifts again
+
+
+def _runs_on(ids, prompt_len, end_id):
+    return [-100] * prompt_len + list(ids[prompt_len:])          # scores everything after the prompt
+
+
+@pytest.mark.parametrize("wrong, words", [
+    (_prompt_scored, ("prompt is scored",)),
+    (_no_end_of_turn, ("end-of-turn token is left out",)),
+    (_shifted, ("shifted by one",)),
+    (_runs_on, ("after the end of the turn",)),
+])
+def test_answer_label_mistakes_are_named(wrong, words, capsys):
+    refused(exercises.check_answer_labels, wrong, capsys, *words)
