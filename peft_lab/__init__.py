@@ -15,8 +15,8 @@ Floors, dependencies pointing downwards (see README.md); every module, by floor:
   ``showdown_grid`` (the shipped grid of 05: its definition, its results, their provenance), ``promises`` (PEFT's
   promises judged from the numbers; which method when), ``planner`` (memory predicted from a config), ``nf4`` (QLoRA's 4-bit
   NormalFloat storage, from scratch), ``checkpointing`` (gradient checkpointing, measured), ``libraries`` (QLoRA
-  through bitsandbytes and peft, compared with ours),
-  ``baselines`` (the runs notebooks compare against);
+  through bitsandbytes and peft, compared with ours), ``chat`` (instruction tuning: conversations through the chat
+  template, the loss on the answer only, answers graded), ``baselines`` (the runs notebooks compare against);
 * face: ``plots``, ``widgets`` (panels), ``notebook`` (notebook helpers), ``exercises`` (exercise checks),
   ``colab`` (every notebook's first cell), ``run_notebooks`` (the runner of ``make run``, which stamps each saved
   notebook); ``accelerator_check`` (the tests' pretend accelerator).
