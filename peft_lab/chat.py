@@ -11,7 +11,7 @@ every token of the prompt and whatever follows the end-of-turn token; the answer
 stay, so the model learns both what to say and when to stop. The model shifts nothing itself in ``chat_loss``: the
 logits at position t score the token at t + 1, as Hugging Face's own ``labels=`` loss does.
 
-Explained in notebook 08_chat_instruction_tuning.
+Written for notebook 08 (instruction tuning), which is not in the workbook yet; tests/test_chat.py checks it.
 """
 from __future__ import annotations
 
