@@ -11,16 +11,23 @@ every token of the prompt and whatever follows the end-of-turn token; the answer
 stay, so the model learns both what to say and when to stop. The model shifts nothing itself in ``chat_loss``: the
 logits at position t score the token at t + 1, as Hugging Face's own ``labels=`` loss does.
 
-Written for notebook 08 (instruction tuning), which is not in the workbook yet; tests/test_chat.py checks it.
+``task()`` makes the conversations a ``data.Task`` whose batches are ``encode``'s, so ``train.fit`` trains every
+method on them unchanged: its text loss (``train.text_loss``) scores exactly the labels ``encode`` kept.
+
+Explained in notebook 08_chat_tuning; tests/test_chat.py checks it.
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import statistics
+import time
 
 import torch
 import torch.nn.functional as F
 
 from . import data as data_mod
+from . import memory, models, stats
 from .stats import bits, fingerprint
 
 PATH = data_mod.DATA_DIR / "chat_records.jsonl"
@@ -109,6 +116,94 @@ def chat_loss(model, batch: dict) -> torch.Tensor:
                            batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE)
 
 
+def step_cost(tuned, batch: dict, loss, repeats: int = 3) -> dict:
+    """What one training step's forward and backward cost with ``loss`` (``chat_loss``: the head at every position;
+    ``train.text_loss``: only where an answer token is scored): the bytes autograd saves for the backward pass
+    (``memory.count_saved_activations``, counted in the first step) and the median seconds of the ``repeats`` steps
+    after it. Gradients are dropped after each step; nothing is updated."""
+    device = data_mod.device_of(tuned)
+    unique = list({id(p): p for p in tuned.parameters()}.values())
+    seconds, saved = [], {}
+    for i in range(repeats + 1):  # step 0 counts (and pays one-off allocations); the others are timed
+        counting = memory.count_saved_activations(unique, models.compute_dtype(device)) if i == 0 \
+            else contextlib.nullcontext({})
+        started = time.perf_counter()
+        with counting as counted, models.autocast(device):
+            value = loss(tuned, batch)
+        value.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+        saved = saved or counted
+        tuned.zero_grad(set_to_none=True)
+    return {"activations MiB": saved["bytes"] / 2 ** 20, "s/step": statistics.median(seconds[1:]),
+            "loss": value.item()}
+
+
+def task(name: str = "chat_records") -> data_mod.Task:
+    """The conversations as a task for ``train.fit``: examples are (conversation, None) pairs, batches come from
+    ``encode`` (answer-only labels), and ``fit``'s text loss trains on them. Pass ``max_length=192`` to ``fit``:
+    a conversation is refused, not cut, when it is longer."""
+    def encoder(examples, tokenizer, max_length, device):
+        return encode(tokenizer, [conv for conv, _ in examples], max_length, device)
+
+    def split(name):
+        return [(conv, None) for conv in load(name)]
+
+    return data_mod.Task(name, split("train"), split("val"), split("test"), {}, template="{text}", encoder=encoder)
+
+
+def prompt_ids(tokenizer, messages: list) -> list:
+    """The ids of the chat template's prompt for ``messages`` (a conversation without its answer, or with it:
+    a last assistant turn is left out), the assistant's turn opened."""
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+@torch.no_grad()
+def answers(model, tokenizer, conversations: list, max_new_tokens: int = 64, batch_size: int = 16) -> list:
+    """The model's greedy answers to the user turns of ``conversations`` (the chat template's generation prompt),
+    as text up to the end-of-turn token, in the order given.
+
+    Prompts of the same length share a batch, so no row is padded: every model answers the same whatever the
+    batch (a prefix's or a soft prompt's ``generate`` takes no padding at all)."""
+    end_id = end_of_turn_id(tokenizer)
+    device = data_mod.device_of(model)
+    prompts = [prompt_ids(tokenizer, c["messages"]) for c in conversations]
+    by_length = {}
+    for i, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(i)
+    out = [None] * len(prompts)
+    for rows in by_length.values():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            ids = torch.tensor([prompts[i] for i in chunk], device=device)
+            with models.autocast(device):
+                generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                           max_new_tokens=max_new_tokens, eos_token_id=end_id,
+                                           pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                           else end_id)
+            for i, row in zip(chunk, generated[:, ids.shape[1]:].tolist()):
+                row = row[:row.index(end_id)] if end_id in row else row
+                out[i] = tokenizer.decode(row, skip_special_tokens=True).strip()
+    return out
+
+
+def reply(model, tokenizer, message: str, max_new_tokens: int = 64) -> str:
+    """The model's greedy answer to one user message, through the chat template (the chat panel's)."""
+    if not message.strip():
+        raise ValueError("Type a message first.")
+    return answers(model, tokenizer, [{"messages": [{"role": "user", "content": message}]}], max_new_tokens)[0]
+
+
+def evaluate(model, tokenizer, conversations: list, max_new_tokens: int = 64) -> dict:
+    """``grade`` of the model's greedy answers, with the answers themselves under ``texts``."""
+    texts = answers(model, tokenizer, conversations, max_new_tokens)
+    return {**grade(texts, conversations), "texts": texts}
+
+
 # --- grading -------------------------------------------------------------------------------------------
 
 def parse_record(text: str):
@@ -120,27 +215,35 @@ def parse_record(text: str):
     return record if isinstance(record, dict) and sorted(record) == sorted(FIELDS) else None
 
 
-@torch.no_grad()
-def answers(model, tokenizer, conversations: list, max_new_tokens: int = 64, batch_size: int = 16) -> list:
-    """The model's greedy answers to the user turns of ``conversations`` (left padding, the chat template's
-    generation prompt), as text up to the end-of-turn token."""
-    end_id = end_of_turn_id(tokenizer)
-    device = data_mod.device_of(model)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    out = []
-    try:
-        for start in range(0, len(conversations), batch_size):
-            prompts = [tokenizer.apply_chat_template(c["messages"][:-1], tokenize=False, add_generation_prompt=True)
-                       for c in conversations[start:start + batch_size]]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            generated = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=end_id,
-                                       pad_token_id=tokenizer.pad_token_id or end_id)
-            for row in generated[:, enc["input_ids"].shape[1]:].tolist():
-                row = row[:row.index(end_id)] if end_id in row else row
-                out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    finally:
-        tokenizer.padding_side = side
-    return out
+def score(result: dict, kind: str = "exact") -> dict:
+    """A graded result as an accuracy result that ``stats`` compares and pairs: ``kind`` "exact" (the record) or
+    "format" (well-formed)."""
+    if kind not in ("exact", "format"):
+        raise ValueError(f"kind is 'exact' or 'format', not {kind!r}.")
+    if kind == "exact":
+        return {"accuracy": result["accuracy"], "n": result["n"], "correct": result["correct"], "items": result["items"]}
+    return {"accuracy": result["format"], "n": result["n"], "correct": result["format_correct"], "items": result["items"]}
+
+
+def summary_row(entries: list, zero_shot: dict) -> dict:
+    """One method's line of notebook 08's table, from its runs (one per seed): each entry a dict with ``run`` (the
+    ``RunRecord``), ``graded`` (``evaluate`` on the test conversations) and ``forgot`` (``measure.forgetting``).
+    Exact and well-formed are means over the seeds; ``vs zero-shot`` pairs each seed with the base on the same
+    conversations (``stats.paired_over_seeds``)."""
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    gain = stats.paired_over_seeds([(score(e["graded"]), score(zero_shot)) for e in entries])
+    table = memory.memory_table(entries[0]["run"])
+    return {
+        "exact %": 100 * mean([e["graded"]["accuracy"] for e in entries]),
+        "exact vs zero-shot, points": f"{100 * gain['diff']:+.1f} [{100 * gain['low']:+.1f}, {100 * gain['high']:+.1f}] "
+                                      f"{gain['verdict']}",
+        "well-formed %": 100 * mean([e["graded"]["format"] for e in entries]),
+        "KL on prose": mean([e["forgot"]["kl"] for e in entries]),
+        "probes kept %": 100 * mean([e["forgot"]["kept_greedy"] for e in entries]),
+        "step memory MiB": table["weights+grads+optimizer MiB"] + table["activations MiB"],
+        "s/step": mean([e["run"].seconds_per_step for e in entries]),
+        "trained numbers": entries[0]["run"].trainable_params,
+    }
 
 
 def grade(texts: list, conversations: list) -> dict:

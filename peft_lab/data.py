@@ -24,6 +24,7 @@ import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -47,6 +48,9 @@ class Task:
     template: str = "{text}\nLabel:"
     max_chars: int = 400  # long texts are cut so every prompt fits a short sequence
     extra: dict = field(default_factory=dict)
+    # how a list of examples becomes a batch, for a task whose examples are not (text, label) pairs:
+    # encoder(examples, tokenizer, max_length, device) -> batch (a chat task: chat.task)
+    encoder: Callable | None = None
 
     @property
     def labels(self) -> list:
@@ -267,7 +271,7 @@ def subset(task: Task, n: int, seed: int = 0) -> Task:
                 picked.append(by_label[label][i])
     rng.shuffle(picked)
     return Task(f"{task.name}, {n} train", picked, task.val, task.test, task.verbalizer, task.template,
-                task.max_chars, dict(task.extra))
+                task.max_chars, dict(task.extra), task.encoder)
 
 
 # --- forgetting material ------------------------------------------------------------------------
@@ -351,6 +355,8 @@ def encode(examples: list, task: Task, tokenizer, max_length: int = 64, device=N
     model predicts the label), ``target`` (the verbalizer token id) and ``label`` (the label index).
     Texts too long for ``max_length`` are cut *inside the text*, so the prompt's ending survives.
     """
+    if task.encoder is not None:
+        return task.encoder(examples, tokenizer, max_length, device)
     if task.is_text:
         return _encode_texts([text for text, _ in examples], tokenizer, max_length, device)
     labels = task.labels

@@ -8,6 +8,7 @@ goes on. Explained in notebook 07_qlora_and_memory, section 9.
 from __future__ import annotations
 
 import tempfile
+import warnings
 
 import torch
 
@@ -179,3 +180,53 @@ def nf4_against_bitsandbytes(model, limit: int | None = None) -> dict:
             counts["same_blocks"] += int(equal_rows.sum())
             counts["blocks"] += equal_rows.numel()
     return counts
+
+
+def chat_with_peft_and_trainer(base, tokenizer, conversations: list, steps: int, lr: float, seed: int = 0,
+                               batch_size: int = 8) -> dict:
+    """Instruction tuning the everyday way (notebook 08_chat_tuning, section 7): peft's LoRA (r = 8, alpha = 16 on
+    every linear layer, as ``recipes.lora_all``) over a frozen copy of ``base``, trained by transformers' ``Trainer``
+    for ``steps`` steps of ``batch_size`` ``conversations`` at a constant ``lr``, with ``chat.encode``'s answer-only
+    labels (padded by ``DataCollatorForSeq2Seq``). Before training, the loss Hugging Face computes from ``labels=`` is
+    compared with ``chat.chat_loss`` and ``train.text_loss`` on the same batch. Returns the three losses, the
+    Trainer's losses step by step, and the trained peft model (``model``)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+        from transformers import DataCollatorForSeq2Seq, PrinterCallback, Trainer, TrainingArguments
+    except ImportError as err:
+        return {"lines": [f"{err.name} is not installed: pip install peft to run this section."]}
+    from . import chat, train
+
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(models.frozen_copy(base), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                                     target_modules="all-linear",
+                                                                     task_type="CAUSAL_LM"))
+    batch = chat.encode(tokenizer, conversations[:batch_size], device=peft_model)
+    with torch.no_grad(), models.autocast(data_mod.device_of(peft_model)):
+        losses = {"Hugging Face, labels=": float(peft_model(**batch).loss),
+                  "chat.chat_loss": float(chat.chat_loss(peft_model, batch)),
+                  "train.text_loss": float(train.text_loss(peft_model, batch))}
+    end_id = chat.end_of_turn_id(tokenizer)
+    rows = []
+    for conv in conversations:
+        ids, prompt_len = chat.prompt_and_answer_ids(tokenizer, conv["messages"])
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids),
+                     "labels": chat.answer_labels(ids, prompt_len, end_id)})
+    device = data_mod.device_of(base)
+    half = models.compute_dtype(device)
+    with tempfile.TemporaryDirectory() as folder:
+        args = TrainingArguments(output_dir=folder, max_steps=steps, per_device_train_batch_size=batch_size,
+                                 learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                                 logging_steps=1, save_strategy="no", report_to=[], seed=seed, disable_tqdm=True,
+                                 bf16=half == torch.bfloat16, fp16=half == torch.float16,
+                                 use_cpu=device.type == "cpu", dataloader_num_workers=0)
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=chat.IGNORE)
+        trainer = Trainer(model=peft_model, args=args, train_dataset=rows, data_collator=collator)
+        trainer.remove_callback(PrinterCallback)  # the losses are returned, not printed step by step
+        with warnings.catch_warnings():  # transformers' own deprecation notice about its checkpointing flag
+            warnings.simplefilter("ignore", FutureWarning)
+            trainer.train()
+    trained = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    peft_model.eval()
+    return {"losses": losses, "trainer_losses": trained, "model": peft_model,
+            "trainable": sum(p.numel() for p in peft_model.parameters() if p.requires_grad)}

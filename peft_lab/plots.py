@@ -470,3 +470,35 @@ def planner_bars(model: str, precision: str, batch: int, seq_len: int, highlight
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     plt.show()
     return ax
+
+
+def chat_results(graded: dict, forgot: dict, zero_shot: dict):
+    """Notebook 08's figure, a dot per seed: exact and well-formed test answers with their 95 % Wilson intervals
+    (the zero-shot line behind them), the KL on prose with its interval, and the share of probes kept. ``graded``
+    and ``forgot`` map a method's name to its seeds' ``chat.evaluate`` and ``measure.forgetting`` results."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    names = list(graded)
+    for i, name in enumerate(names):
+        for j, g in enumerate(graded[name]):
+            for k, (key, word, color) in enumerate((("accuracy", "exact", PALETTE[0]), ("format", "well-formed", PALETTE[2]))):
+                value = g[key]
+                low, high = measure.wilson(round(value * g["n"]), g["n"])
+                axes[0].errorbar(i + (k - 0.5) * 0.3 + j * 0.08, value, yerr=[[value - low], [high - value]], fmt="o",
+                                 color=color, capsize=3, label=word if i == 0 and j == 0 else None)
+        for j, f in enumerate(forgot[name]):
+            axes[1].errorbar(i + j * 0.08, f["kl"], yerr=[[f["kl"] - f["kl_low"]], [f["kl_high"] - f["kl"]]], fmt="o",
+                             color=PALETTE[1], capsize=3)
+            axes[2].plot(i + j * 0.08, f["kept_greedy"], "o", color=PALETTE[3])
+    axes[0].axhline(zero_shot["accuracy"], color="gray", ls="--", label=f"zero-shot exact {zero_shot['accuracy']:.0%}")
+    axes[0].axhline(zero_shot["format"], color="gray", ls=":", label=f"zero-shot well-formed {zero_shot['format']:.0%}")
+    axes[0].set_ylim(-0.03, 1.03)
+    axes[0].set_title("test answers, 95 % intervals", fontsize=10)
+    axes[0].legend(fontsize=7.5, loc="best")
+    axes[1].set_ylim(bottom=0)
+    axes[1].set_title("forgetting: KL(base || tuned) on prose", fontsize=10)
+    axes[2].set_ylim(0, 1.05)
+    axes[2].set_title("probes the base knew, still answered", fontsize=10)
+    _method_ticks(axes, names)
+    fig.suptitle("Instruction tuning, each seed a dot")
+    fig.tight_layout()
+    return fig

@@ -16,6 +16,8 @@ from .methods import freeze, lora, prefix, prompt
 INSTRUCTIONS = {
     "reviews": "Decide whether the following customer review is positive or negative.",
     "review_domain": "Decide whether the following review is about a film, product, restaurant, app, book or travel.",
+    "chat_records": "Answer with the harbour-log entry as one line of JSON with the fields person, vessel, place, day, "
+                    "month, cargo and count.",
 }
 
 

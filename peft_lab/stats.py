@@ -208,7 +208,8 @@ def paired_over_seeds(pairs, metric: str = "accuracy") -> dict:
     p = paired_test(only_a, only_b)
     excludes_zero = diff - half > 0 or diff + half < 0
     word = ("higher" if diff > 0 else "lower") if p < 0.05 and (len(pairs) == 1 or excludes_zero) else "no measurable difference"
-    return {"diff": diff, "low": diff - half, "high": diff + half, "only_a": only_a, "only_b": only_b, "n": n,
+    # a difference of two shares lies in [-1, 1]: an interval wider than that (few seeds far apart) is cut to it
+    return {"diff": diff, "low": max(-1.0, diff - half), "high": min(1.0, diff + half), "only_a": only_a, "only_b": only_b, "n": n,
             "seeds": len(pairs), "p": p, "verdict": word}
 
 

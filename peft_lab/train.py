@@ -51,9 +51,22 @@ def label_logits(tuned, batch: dict) -> torch.Tensor:
 
 
 def text_loss(tuned, batch: dict) -> torch.Tensor:
-    """Cross-entropy of every next token of the texts (a text task: new knowledge), padding not scored."""
-    logits = tuned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+    """Cross-entropy of every scored next token (``labels`` not -100): every token of a text (new knowledge), or a
+    chat conversation's answer (``chat.encode`` blanks out the prompt).
+
+    The logits at position t score the label at t + 1. The vocabulary head runs only at positions whose next token
+    some row scores: for a conversation, the answer's stretch of the batch, not its prompt (the system prompt and
+    the question), so the batch x tokens x 49,152 logits and their gradient shrink with it (notebook
+    08_chat_tuning, section 3). A text scored everywhere gets every position, as before.
+    """
+    labels = batch["labels"]
+    scored = (labels[:, 1:] != -100).any(dim=0).nonzero().squeeze(1)  # positions t whose label at t + 1 counts
+    if len(scored) == labels.shape[1] - 1:  # every position: the plain full-width head
+        logits = tuned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    else:
+        logits = tuned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       logits_to_keep=scored).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels[:, scored + 1].reshape(-1),
                            ignore_index=-100)
 
 

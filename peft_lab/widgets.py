@@ -323,3 +323,55 @@ def planner_panel(model: str = "smollm2-360m", method: str = "lora", precision: 
     """The memory planner (``planner``) as an interactive panel (display it as a cell's last line). Explained in notebook
     05_showdown, section 7."""
     return PlannerPanel(model, method, precision)
+
+
+class ChatPanel:
+    """A message box and an Ask button: each model's greedy answer (``chat.reply``, through the chat template)
+    side by side. ``models`` maps a name to a model: the base and the tuned ones. ``message``, ``ask`` and
+    ``replies`` are there for tests."""
+
+    def __init__(self, models: dict, tokenizer, message: str = "", max_new_tokens: int = 64):
+        if not models:
+            raise ValueError("Give the panel at least one model to ask: {'base': base, 'LoRA': tuned, ...}.")
+        self.models, self.tokenizer, self.max_new_tokens = dict(models), tokenizer, max_new_tokens
+        self.message = W.Textarea(value=message, placeholder="Type a message to the models",
+                                  layout=W.Layout(width="100%", height="70px"))
+        self.button = W.Button(description="Ask", button_style="primary", icon="comment")
+        self.status = W.HTML()
+        self.table = W.HTML()
+        self.replies = {}
+        self.button.on_click(lambda _button: self.ask())
+        self.widget = W.VBox([W.HTML("<b>Chat with the base and the tuned models</b> (greedy, the chat template)"),
+                              self.message, W.HBox([self.button, self.status]), self.table])
+
+    def _ipython_display_(self):
+        display(self.widget)
+
+    def ask(self) -> dict:
+        """Every model's answer to the message in the box; shown as a table and returned."""
+        import html
+
+        from . import chat
+
+        self.button.disabled = True
+        self.status.value = "answering ..."
+        try:
+            self.replies = {name: chat.reply(model, self.tokenizer, self.message.value, self.max_new_tokens)
+                            for name, model in self.models.items()}
+            self.status.value = ""
+        except ValueError as err:  # an empty message: say so in the panel
+            self.status.value = f"<span style='color:#b00'>{html.escape(str(err))}</span>"
+            return {}
+        finally:
+            self.button.disabled = False
+        rows = "".join(f"<tr><td style='text-align:left;vertical-align:top'><b>{html.escape(name)}</b></td>"
+                       f"<td style='text-align:left;font-family:monospace;white-space:pre-wrap'>{html.escape(text)}</td></tr>"
+                       for name, text in self.replies.items())
+        self.table.value = f"<table>{rows}</table>"
+        return self.replies
+
+
+def chat_panel(models: dict, tokenizer, message: str = "", max_new_tokens: int = 64) -> ChatPanel:
+    """Ask the base and the tuned models the same message, answers side by side (display it as a cell's last
+    line). Explained in notebook 08_chat_tuning, section 6."""
+    return ChatPanel(models, tokenizer, message, max_new_tokens)

@@ -121,3 +121,15 @@ def base_for(method: str, model):
     from peft_lab import nf4
 
     return nf4.quantize_model(model) if method == "qlora" else model
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture
+def chat_tokenizer(tokenizer):
+    """The tiny word tokenizer with ChatML's two special tokens and template (instruction tuning, chat.py)."""
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    return tokenizer

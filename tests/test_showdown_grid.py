@@ -229,3 +229,14 @@ def test_the_separation_note_says_when_only_the_seeds_keep_a_verdict_open():
                                     {"correct": "1" * 318 + "0" * 322, "items": "x", "test_n": 640})])
     note = promises.separation_note(few)
     assert "paired test answers" in note and " 0x" not in note
+
+
+def test_a_paired_interval_never_leaves_the_possible_range():
+    """Two seeds far apart give a t-interval (1 degree of freedom) wider than a difference of shares can be: it is
+    cut to [-1, 1], and the verdict still needs the uncut interval to exclude 0."""
+    wide = stats.paired_over_seeds([({"correct": "1" * 9 + "0", "items": "x", "test_n": 10},
+                                     {"correct": "0" * 10, "items": "x", "test_n": 10}),
+                                    ({"correct": "1" + "0" * 9, "items": "x", "test_n": 10},
+                                     {"correct": "0" * 10, "items": "x", "test_n": 10})])
+    assert wide["diff"] == 0.5 and wide["low"] == -1.0 and wide["high"] == 1.0
+    assert wide["verdict"] == "no measurable difference"
