@@ -133,3 +133,10 @@ def chat_tokenizer(tokenizer):
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.chat_template = CHATML
     return tokenizer
+
+
+@pytest.fixture
+def chat_llama(chat_tokenizer, tiny_llama):
+    """The tiny Llama with room in its embeddings for the chat tokenizer's two special tokens."""
+    tiny_llama.resize_token_embeddings(len(chat_tokenizer))
+    return tiny_llama

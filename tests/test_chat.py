@@ -23,12 +23,11 @@ def test_the_labels_keep_the_answer_and_its_end_of_turn_only(chat_tokenizer):
     assert chat.answer_labels([5, 6, 7, 8, 9], 1, end_id=7) == [chat.IGNORE, 6, 7, chat.IGNORE, chat.IGNORE]
 
 
-def test_the_loss_equals_hugging_faces_own(chat_tokenizer, tiny_llama):
-    tiny_llama.resize_token_embeddings(len(chat_tokenizer))
+def test_the_loss_equals_hugging_faces_own(chat_tokenizer, chat_llama):
     batch = chat.encode(chat_tokenizer, [conversation(), conversation("i hated this movie", "negative")])
     assert (batch["labels"] != chat.IGNORE).sum() == 4                 # two answers, two end-of-turn tokens
-    ours = chat.chat_loss(tiny_llama, batch)
-    theirs = tiny_llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    ours = chat.chat_loss(chat_llama, batch)
+    theirs = chat_llama(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
     assert torch.allclose(ours, theirs, atol=1e-6)
 
 
@@ -64,15 +63,14 @@ def test_the_splits_and_their_records():
         chat.load("dev")
 
 
-def test_greedy_answers_come_back_one_per_conversation(chat_tokenizer, tiny_llama):
-    tiny_llama.resize_token_embeddings(len(chat_tokenizer))
-    texts = chat.answers(tiny_llama, chat_tokenizer, [conversation(), conversation("i hated this movie")],
+def test_greedy_answers_come_back_one_per_conversation(chat_tokenizer, chat_llama):
+    texts = chat.answers(chat_llama, chat_tokenizer, [conversation(), conversation("i hated this movie")],
                          max_new_tokens=4)
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
     assert chat_tokenizer.padding_side == "right"                      # put back as it was
 
 
-def chat_task(chat_tokenizer):
+def chat_task():
     """The chat task's shape on a handful of tiny conversations: (conversation, None) pairs, chat.encode's batches."""
     task = chat.task()
     convs = [conversation(), conversation("i hated this movie", "negative"), conversation("the food was bad", "negative"),
@@ -81,15 +79,14 @@ def chat_task(chat_tokenizer):
     return task, convs
 
 
-def test_the_training_loop_trains_a_chat_task_on_the_answer_only(chat_tokenizer, tiny_llama):
+def test_the_training_loop_trains_a_chat_task_on_the_answer_only(chat_tokenizer, chat_llama):
     from peft_lab import data, train
     from peft_lab.methods import lora
 
-    tiny_llama.resize_token_embeddings(len(chat_tokenizer))
-    task, convs = chat_task(chat_tokenizer)
+    task, convs = chat_task()
     batch = data.encode(task.train, task, chat_tokenizer, max_length=64)
     assert torch.equal(batch["labels"], chat.encode(chat_tokenizer, convs)["labels"])   # the task's batches are encode's
-    tuned = lora.apply(tiny_llama, rank=2, alpha=4, targets=["q_proj", "v_proj"])
+    tuned = lora.apply(chat_llama, rank=2, alpha=4, targets=["q_proj", "v_proj"])
     run = train.fit(tuned, chat_tokenizer, task, steps=3, lr=1e-2, batch_size=4, max_length=64, log=False,
                     progress=False)
     assert len(run.losses) == 3 and all(math.isfinite(v) for v in run.losses)
@@ -97,59 +94,55 @@ def test_the_training_loop_trains_a_chat_task_on_the_answer_only(chat_tokenizer,
         train.fit(tuned, chat_tokenizer, task, steps=1, max_length=4, log=False, progress=False)
 
 
-def test_the_head_runs_only_where_an_answer_is_scored_with_the_same_loss(chat_tokenizer, tiny_llama, monkeypatch):
+def test_the_head_runs_only_where_an_answer_is_scored_with_the_same_loss(chat_tokenizer, chat_llama, monkeypatch):
     from peft_lab import train
 
-    tiny_llama.resize_token_embeddings(len(chat_tokenizer))
     batch = chat.encode(chat_tokenizer, [conversation(), conversation("i hated this movie very very much", "negative")])
     seen = {}
-    forward = tiny_llama.forward
+    forward = chat_llama.forward
 
     def spy(*args, **kwargs):
         seen["keep"] = kwargs.get("logits_to_keep")
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(tiny_llama, "forward", spy)
-    trimmed = train.text_loss(tiny_llama, batch)
+    monkeypatch.setattr(chat_llama, "forward", spy)
+    trimmed = train.text_loss(chat_llama, batch)
     keep = seen["keep"]
     scored = (batch["labels"][:, 1:] != chat.IGNORE).any(0).nonzero().squeeze(1)
     assert torch.is_tensor(keep) and torch.equal(keep, scored) and len(keep) < batch["input_ids"].shape[1] - 1
-    assert torch.allclose(trimmed, chat.chat_loss(tiny_llama, batch), atol=1e-6)
+    assert torch.allclose(trimmed, chat.chat_loss(chat_llama, batch), atol=1e-6)
     # a text scored at every position (new facts) still gets the whole-width head
     texts = {"input_ids": batch["input_ids"], "attention_mask": torch.ones_like(batch["input_ids"]),
              "labels": batch["input_ids"].clone()}
-    train.text_loss(tiny_llama, texts)
+    train.text_loss(chat_llama, texts)
     assert not torch.is_tensor(seen["keep"])
 
 
-def test_a_step_with_the_head_on_the_answer_only_saves_less(chat_tokenizer, tiny_llama):
+def test_a_step_with_the_head_on_the_answer_only_saves_less(chat_tokenizer, chat_llama):
     from peft_lab import train
 
-    tiny_llama.resize_token_embeddings(len(chat_tokenizer))
     batch = chat.encode(chat_tokenizer, [conversation("the film was great and the food was very good " * 3)] * 2)
-    everywhere = chat.step_cost(tiny_llama, batch, chat.chat_loss, repeats=1)
-    answer_only = chat.step_cost(tiny_llama, batch, train.text_loss, repeats=1)
+    everywhere = chat.step_cost(chat_llama, batch, chat.chat_loss, repeats=1)
+    answer_only = chat.step_cost(chat_llama, batch, train.text_loss, repeats=1)
     assert answer_only["activations MiB"] < everywhere["activations MiB"]
     assert abs(answer_only["loss"] - everywhere["loss"]) < 1e-2
-    assert all(p.grad is None for p in tiny_llama.parameters())                    # nothing kept, nothing updated
+    assert all(p.grad is None for p in chat_llama.parameters())                    # nothing kept, nothing updated
 
 
-def test_answers_keep_the_order_and_do_not_depend_on_the_batch(chat_tokenizer, tiny_llama):
-    tiny_llama.resize_token_embeddings(len(chat_tokenizer))
+def test_answers_keep_the_order_and_do_not_depend_on_the_batch(chat_tokenizer, chat_llama):
     convs = [conversation(), conversation("i hated this movie very much"), conversation("bad"), conversation("good")]
-    together = chat.answers(tiny_llama, chat_tokenizer, convs, max_new_tokens=3)
-    alone = [chat.answers(tiny_llama, chat_tokenizer, [c], max_new_tokens=3)[0] for c in convs]
+    together = chat.answers(chat_llama, chat_tokenizer, convs, max_new_tokens=3)
+    alone = [chat.answers(chat_llama, chat_tokenizer, [c], max_new_tokens=3)[0] for c in convs]
     assert together == alone
-    assert chat.reply(tiny_llama, chat_tokenizer, "the film was great", max_new_tokens=3) == alone[0]
+    assert chat.reply(chat_llama, chat_tokenizer, "the film was great", max_new_tokens=3) == alone[0]
     with pytest.raises(ValueError, match="Type a message"):
-        chat.reply(tiny_llama, chat_tokenizer, "  ")
+        chat.reply(chat_llama, chat_tokenizer, "  ")
 
 
-def test_a_prompt_tuned_model_answers_too(chat_tokenizer, tiny_llama):
+def test_a_prompt_tuned_model_answers_too(chat_tokenizer, chat_llama):
     from peft_lab.methods import prompt
 
-    tiny_llama.resize_token_embeddings(len(chat_tokenizer))
-    tuned = prompt.apply(tiny_llama, 3)
+    tuned = prompt.apply(chat_llama, 3)
     texts = chat.answers(tuned, chat_tokenizer, [conversation(), conversation("i hated this movie very much")],
                          max_new_tokens=3)
     assert len(texts) == 2
@@ -166,12 +159,11 @@ def test_scores_are_accuracy_results_that_pair():
         chat.score(result, "json")
 
 
-def test_peft_and_the_trainer_compute_our_loss(chat_tokenizer, tiny_llama):
+def test_peft_and_the_trainer_compute_our_loss(chat_tokenizer, chat_llama):
     from peft_lab import libraries
 
-    tiny_llama.resize_token_embeddings(len(chat_tokenizer))
-    _, convs = chat_task(chat_tokenizer)
-    result = libraries.chat_with_peft_and_trainer(tiny_llama, chat_tokenizer, convs, steps=2, lr=1e-3, batch_size=2)
+    _, convs = chat_task()
+    result = libraries.chat_with_peft_and_trainer(chat_llama, chat_tokenizer, convs, steps=2, lr=1e-3, batch_size=2)
     losses = list(result["losses"].values())
     assert max(losses) - min(losses) < 1e-2 and len(result["trainer_losses"]) == 2
     assert result["trainable"] > 0

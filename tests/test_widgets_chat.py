@@ -5,9 +5,8 @@ import pytest
 from peft_lab import widgets
 
 
-def test_the_chat_panel_asks_every_model(chat_tokenizer, tiny_llama):
-    tiny_llama.resize_token_embeddings(len(chat_tokenizer))
-    panel = widgets.chat_panel({"base": tiny_llama, "again": tiny_llama}, chat_tokenizer, message="the film was great")
+def test_the_chat_panel_asks_every_model(chat_tokenizer, chat_llama):
+    panel = widgets.chat_panel({"base": chat_llama, "again": chat_llama}, chat_tokenizer, message="the film was great")
     panel.max_new_tokens = 3
     replies = panel.ask()
     assert list(replies) == ["base", "again"] and replies["base"] == replies["again"]
