@@ -34,7 +34,7 @@ def measured_run(way: str, base, tok, task, steps: int, base_scores) -> dict:
         torch.manual_seed(0)
         tuned = lora.apply(models.frozen_copy(base), rank=8, alpha=16, targets=["q_proj", "v_proj"])
         started = time.perf_counter()
-        run = train.fit(tuned, tok, task, steps=steps, lr=1e-3, seed=0, log=False, progress=False, method="lora")
+        run = train.fit(tuned, tok, task, steps=steps, lr=1e-3, seed=0, log=False, progress=False, tag="lora")
         trained = time.perf_counter()
         acc = measure.accuracy(tuned, tok, task, "test")
         scored = time.perf_counter()

@@ -35,7 +35,7 @@ def main():
             # full fine-tuning and freezing train fp32 master weights; PEFT methods attach to a frozen copy
             start = models.fresh_copy(base) if name in ("full", "last block") else models.frozen_copy(base)
             tuned = make(start)
-            run = train.fit(tuned, tok, task, steps=args.steps, lr=1e-5, log=False, progress=False, method=name)
+            run = train.fit(tuned, tok, task, steps=args.steps, lr=1e-5, log=False, progress=False, tag=name)
             times[name] += run.step_seconds[1:]
             runs[name] = run
             del tuned

@@ -10,10 +10,11 @@ Floors, dependencies pointing downwards (see README.md); every module, by floor:
   (``methods.get("lora")``);
 * engine: ``recipes`` (the named ways to fine-tune that grids and baselines build, and their names), ``train``
   (one loop), ``memory`` (a step's memory measured part by part, the peak, the textbook
-  arithmetic), ``runlog`` (run records and the run log), ``stats`` (intervals, paired tests, verdicts), ``measure``
+  arithmetic, and every part predicted from a model's architecture numbers), ``runlog`` (run records and the run
+  log: each run's method, tag and label), ``stats`` (intervals, paired tests, verdicts), ``measure``
   (accuracy, forgetting), ``study`` (resumable grids), ``showdown`` (notebook 05's measurements),
   ``showdown_grid`` (the shipped grid of 05: its definition, its results, their provenance), ``promises`` (PEFT's
-  promises judged from the numbers; which method when), ``planner`` (memory predicted from a config), ``nf4`` (QLoRA's 4-bit
+  promises judged from the numbers; which method when), ``planner`` (will it train on that GPU: the memory prediction in words, and checked against real steps), ``nf4`` (QLoRA's 4-bit
   NormalFloat storage, from scratch), ``checkpointing`` (gradient checkpointing, measured), ``libraries`` (QLoRA
   through bitsandbytes and peft, compared with ours), ``chat`` (instruction tuning: conversations through the chat
   template, the loss on the answer only, answers graded), ``baselines`` (the runs notebooks compare against);

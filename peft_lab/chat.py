@@ -65,7 +65,7 @@ def prompt_and_answer_ids(tokenizer, messages: list) -> tuple:
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("A training conversation must end with the assistant's answer (role 'assistant').")
     full = tokenizer.apply_chat_template(messages, tokenize=False)
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    prompt = prompt_text(tokenizer, messages)
     if not full.startswith(prompt):
         raise ValueError("The chat template writes the prompt differently inside the whole conversation; "
                          "the answer's position cannot be found from it.")
@@ -88,6 +88,12 @@ def answer_labels(ids: list, prompt_len: int, end_id: int) -> list:
     return labels
 
 
+def row(tokenizer, messages: list, end_id: int | None = None) -> tuple:
+    """One conversation as a training row: (its ids, their labels), the answer and its end-of-turn token kept."""
+    ids, prompt_len = prompt_and_answer_ids(tokenizer, messages)
+    return ids, answer_labels(ids, prompt_len, end_of_turn_id(tokenizer) if end_id is None else end_id)
+
+
 def encode(tokenizer, conversations: list, max_length: int = 192, device=None) -> dict:
     """A padded batch (right padding) of whole conversations: ``input_ids``, ``attention_mask``, ``labels`` (the
     answer and its end-of-turn token; -100 elsewhere). A conversation longer than ``max_length`` is refused, not
@@ -95,10 +101,10 @@ def encode(tokenizer, conversations: list, max_length: int = 192, device=None) -
     end_id = end_of_turn_id(tokenizer)
     rows = []
     for conv in conversations:
-        ids, prompt_len = prompt_and_answer_ids(tokenizer, conv["messages"])
+        ids, labels = row(tokenizer, conv["messages"], end_id)
         if len(ids) > max_length:
             raise ValueError(f"A conversation has {len(ids)} tokens, more than max_length={max_length}; raise it.")
-        rows.append((ids, answer_labels(ids, prompt_len, end_id)))
+        rows.append((ids, labels))
     width = max(len(ids) for ids, _ in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id
     batch = {
@@ -153,13 +159,17 @@ def task(name: str = "chat_records") -> data_mod.Task:
     return data_mod.Task(name, split("train"), split("val"), split("test"), {}, template="{text}", encoder=encoder)
 
 
-def prompt_ids(tokenizer, messages: list) -> list:
-    """The ids of the chat template's prompt for ``messages`` (a conversation without its answer, or with it:
-    a last assistant turn is left out), the assistant's turn opened."""
+def prompt_text(tokenizer, messages: list) -> str:
+    """The chat template's prompt for ``messages`` (a conversation without its answer, or with it: a last
+    assistant turn is left out), the assistant's turn opened."""
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False).input_ids
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def prompt_ids(tokenizer, messages: list) -> list:
+    """The ids of ``prompt_text``: what the model answers from."""
+    return tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False).input_ids
 
 
 @torch.no_grad()
@@ -218,25 +228,25 @@ def parse_record(text: str):
 def score(result: dict, kind: str = "exact") -> dict:
     """A graded result as an accuracy result that ``stats`` compares and pairs: ``kind`` "exact" (the record) or
     "format" (well-formed)."""
-    if kind not in ("exact", "format"):
+    keys = {"exact": ("accuracy", "correct"), "format": ("format", "format_correct")}
+    if kind not in keys:
         raise ValueError(f"kind is 'exact' or 'format', not {kind!r}.")
-    if kind == "exact":
-        return {"accuracy": result["accuracy"], "n": result["n"], "correct": result["correct"], "items": result["items"]}
-    return {"accuracy": result["format"], "n": result["n"], "correct": result["format_correct"], "items": result["items"]}
+    share, correct = keys[kind]
+    return {"accuracy": result[share], "n": result["n"], "correct": result[correct], "items": result["items"]}
 
 
 def summary_row(entries: list, zero_shot: dict) -> dict:
     """One method's line of notebook 08's table, from its runs (one per seed): each entry a dict with ``run`` (the
     ``RunRecord``), ``graded`` (``evaluate`` on the test conversations) and ``forgot`` (``measure.forgetting``).
-    Exact and well-formed are means over the seeds; ``vs zero-shot`` pairs each seed with the base on the same
-    conversations (``stats.paired_over_seeds``)."""
+    Exact and well-formed are means over the seeds; the exact answers' gain over zero-shot pairs each seed with the
+    base on the same conversations (``stats.paired_over_seeds``): its points, and its verdict under ``vs zero-shot``."""
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     gain = stats.paired_over_seeds([(score(e["graded"]), score(zero_shot)) for e in entries])
     table = memory.memory_table(entries[0]["run"])
     return {
         "exact %": 100 * mean([e["graded"]["accuracy"] for e in entries]),
-        "exact vs zero-shot, points": f"{100 * gain['diff']:+.1f} [{100 * gain['low']:+.1f}, {100 * gain['high']:+.1f}] "
-                                      f"{gain['verdict']}",
+        "exact vs zero-shot, points": f"{100 * gain['diff']:+.1f} [{100 * gain['low']:+.1f}, {100 * gain['high']:+.1f}]",
+        "vs zero-shot": gain["verdict"],
         "well-formed %": 100 * mean([e["graded"]["format"] for e in entries]),
         "KL on prose": mean([e["forgot"]["kl"] for e in entries]),
         "probes kept %": 100 * mean([e["forgot"]["kept_greedy"] for e in entries]),

@@ -7,6 +7,7 @@ goes on. Explained in notebook 07_qlora_and_memory, section 9.
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import warnings
 
@@ -34,6 +35,21 @@ def _bytes(model) -> int:
         parts += [state.offset] if torch.is_tensor(getattr(state, "offset", None)) else []
         total += sum(t.numel() * t.element_size() for t in parts if t is not None)
     return total
+
+
+@contextlib.contextmanager
+def _quiet_renames():
+    """peft calls transformers' gradient-checkpointing names that transformers 5 renamed, and each call warns of the
+    rename: a notice to peft, not to the learner, so it is hushed here (every other warning still shows)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(is_gradient_checkpointing|gradient_checkpointing_enable)",
+                                category=FutureWarning)
+        yield
+
+
+def _checkpointing_on(model) -> bool:
+    """Whether gradient checkpointing is on in some module (what transformers' flag reads, under either name)."""
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 def _difference(a, b, mask) -> tuple:
@@ -95,7 +111,8 @@ def qlora_with_bitsandbytes(base, four_bit, ours, tokenizer, examples, task) -> 
     lines.append(_compare("the two 4-bit models, no adapter", _logits(theirs, batch), _logits(four_bit, batch), mask))
     with tempfile.TemporaryDirectory() as folder:
         qlora.save(ours, folder)
-        with_adapter = PeftModel.from_pretrained(theirs, folder).eval()
+        with _quiet_renames():
+            with_adapter = PeftModel.from_pretrained(theirs, folder).eval()
         ours_logits, peft_logits = _logits(ours, batch), _logits(with_adapter, batch)
         lines.append(_compare("our trained adapter loaded by peft onto bitsandbytes' model, against ours", peft_logits,
                               ours_logits, mask))
@@ -121,14 +138,16 @@ def qlora_with_bitsandbytes(base, four_bit, ours, tokenizer, examples, task) -> 
 
     fresh = load_4bit()  # loaded again: merge_and_unload changed the first in place, and prepare changes this one
     before = _bytes(fresh)
-    fresh = prepare_model_for_kbit_training(fresh, use_gradient_checkpointing=True)
+    with _quiet_renames():
+        fresh = prepare_model_for_kbit_training(fresh, use_gradient_checkpointing=True)
     after = _bytes(fresh)
     promoted = sorted({str(p.dtype).replace("torch.", "") for p in fresh.parameters() if p.dtype == torch.float32})
     lines.append(f"prepare_model_for_kbit_training: weights {before / 2 ** 20:.1f} -> {after / 2 ** 20:.1f} MiB (the "
                  f"parameters that are not 4-bit, embeddings and norms, now in {', '.join(promoted) or 'their dtype'}); "
-                 f"gradient checkpointing on: {fresh.is_gradient_checkpointing}")
-    peft_model = get_peft_model(fresh, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                                  lora_dropout=0.0, task_type="CAUSAL_LM"))
+                 f"gradient checkpointing on: {_checkpointing_on(fresh)}")
+    with _quiet_renames():
+        peft_model = get_peft_model(fresh, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                      lora_dropout=0.0, task_type="CAUSAL_LM"))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     ours_trainable = sum(p.numel() for p in ours.parameters() if p.requires_grad)
     lines.append(f"get_peft_model(LoRA r=8 on q, v): {trainable:,} trainable numbers; qlora.apply: {ours_trainable:,}")
@@ -198,20 +217,19 @@ def chat_with_peft_and_trainer(base, tokenizer, conversations: list, steps: int,
     from . import chat, train
 
     torch.manual_seed(seed)
-    peft_model = get_peft_model(models.frozen_copy(base), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                                     target_modules="all-linear",
-                                                                     task_type="CAUSAL_LM"))
+    with _quiet_renames():
+        peft_model = get_peft_model(models.frozen_copy(base), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                                         target_modules="all-linear",
+                                                                         task_type="CAUSAL_LM"))
     batch = chat.encode(tokenizer, conversations[:batch_size], device=peft_model)
     with torch.no_grad(), models.autocast(data_mod.device_of(peft_model)):
         losses = {"Hugging Face, labels=": float(peft_model(**batch).loss),
                   "chat.chat_loss": float(chat.chat_loss(peft_model, batch)),
                   "train.text_loss": float(train.text_loss(peft_model, batch))}
-    end_id = chat.end_of_turn_id(tokenizer)
     rows = []
     for conv in conversations:
-        ids, prompt_len = chat.prompt_and_answer_ids(tokenizer, conv["messages"])
-        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids),
-                     "labels": chat.answer_labels(ids, prompt_len, end_id)})
+        ids, labels = chat.row(tokenizer, conv["messages"])
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     device = data_mod.device_of(base)
     half = models.compute_dtype(device)
     with tempfile.TemporaryDirectory() as folder:
@@ -223,9 +241,7 @@ def chat_with_peft_and_trainer(base, tokenizer, conversations: list, steps: int,
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=chat.IGNORE)
         trainer = Trainer(model=peft_model, args=args, train_dataset=rows, data_collator=collator)
         trainer.remove_callback(PrinterCallback)  # the losses are returned, not printed step by step
-        with warnings.catch_warnings():  # transformers' own deprecation notice about its checkpointing flag
-            warnings.simplefilter("ignore", FutureWarning)
-            trainer.train()
+        trainer.train()
     trained = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     peft_model.eval()
     return {"losses": losses, "trainer_losses": trained, "model": peft_model,

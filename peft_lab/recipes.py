@@ -65,6 +65,10 @@ def prompt_for_task(base, tok, task_name):
 BUILD = {"full": full, "last-2-blocks": last_2_blocks, "lora-qv": lora_qv, "lora-all": lora_all,
          "prefix": prefix_for_task, "prompt": prompt_for_task}
 
+# the method word each recipe's model carries (``peft_lab_info["method"]``), which its runs log as their method
+METHODS = {"full": "full", "last-2-blocks": "freeze:last_n", "lora-qv": "lora", "lora-all": "lora",
+           "prefix": "prefix", "prompt": "prompt"}
+
 # what a learner calls each recipe in tables and figures
 NAMES = {"full": "full fine-tuning", "last-2-blocks": "last 2 blocks", "lora-qv": "LoRA r=8 (q,v)",
          "lora-all": "LoRA r=8 (all linear)", "prefix": "prefix", "prompt": "prompt"}

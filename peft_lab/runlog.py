@@ -5,8 +5,13 @@ Explained in notebook 01_full_finetuning_and_freezing, section 2.
 The run log is a JSON-lines file ($PEFT_LAB_RUNLOG, else runs.jsonl in the model cache folder), one
 run record a line, appended by ``train.fit`` and again by ``measure.evaluate_run`` (a later line with
 the same ``run_id`` supersedes the earlier one). Later notebooks read it to compare methods without
-training again. Runs are kept apart by method, settings, model and mode (quick or full): a lookup
+training again. Runs are kept apart by tag, settings, model and mode (quick or full): a lookup
 names what it wants (``latest_run("full", "reviews", lr=2e-5)``), not just a method word.
+
+Three names, one job each: ``method`` is what trained (the method's registry word from the model, e.g. "lora",
+or "full" / "freeze:<choice>" for the freezing choices); ``tag`` is what the run was trained as, the word lookups
+find it by ("study:lora-qv", "lora r=4 (sweep)"; the method word when the caller gives none); ``label`` is what a
+reader sees in tables and figures (the tag with the run's settings and learning rate).
 """
 from __future__ import annotations
 
@@ -29,7 +34,10 @@ LABEL_SETTINGS = (("rank", "r="), ("targets", ""), ("num_virtual_tokens", "P="),
 
 @dataclass
 class RunRecord:
-    """What one training run did and cost. ``metrics`` is filled in later by ``measure``."""
+    """What one training run did and cost. ``metrics`` is filled in later by ``measure``.
+
+    ``method``: what trained (a registry word, "full", "freeze:<choice>" or "custom"); ``tag``: what the run was
+    trained as, for lookups (defaults to the method word); ``label``: its name in tables and figures."""
 
     method: str
     task: str
@@ -45,6 +53,7 @@ class RunRecord:
     model: str = ""
     device: str = "cpu"
     quick: bool = False
+    tag: str = ""
     label: str = ""
     # where and on what it ran, for runs shipped as results (study.run fills it): machine, precision, torch,
     # code version, threads, wall seconds of training and measuring
@@ -53,7 +62,8 @@ class RunRecord:
     created: float = field(default_factory=time.time)
 
     def __post_init__(self):
-        self.label = self.label or default_label(self.method, self.config)
+        self.tag = self.tag or self.method
+        self.label = self.label or default_label(self.tag, self.config)
 
     @property
     def seconds_per_step(self) -> float:
@@ -82,8 +92,8 @@ class RunRecord:
         return asdict(self)
 
 
-def default_label(method: str, config: dict) -> str:
-    """A run's name with its settings, e.g. "lora r=8 q_proj,v_proj, lr 0.0002" or "full, lr 2e-5"."""
+def default_label(tag: str, config: dict) -> str:
+    """A run's tag with its settings, e.g. "lora r=8 q_proj,v_proj, lr 0.0002" or "full, lr 2e-5"."""
     parts = []
     for key, short in LABEL_SETTINGS:
         value = config.get(key)
@@ -92,7 +102,7 @@ def default_label(method: str, config: dict) -> str:
         if isinstance(value, (list, tuple)):
             value = ",".join(map(str, value))
         parts.append(short + (short_number(value) if isinstance(value, float) else str(value)))
-    head = " ".join([method] + [p for p in parts if not p.startswith("lr ")])
+    head = " ".join([tag] + [p for p in parts if not p.startswith("lr ")])
     lr = [p for p in parts if p.startswith("lr ")]
     return ", ".join([head] + lr)
 
@@ -136,13 +146,35 @@ def save_run(record: RunRecord) -> None:
 _KNOWN_FIELDS = {f.name for f in fields(RunRecord)}
 
 
-def load_runs(method: str | None = None, task: str | None = None, quick: bool | None = None,
-              model: str | None = None, path=None, **settings) -> list:
-    """Runs from the log, oldest first, filtered by method, task, model and ``settings`` (config values,
+def _from_older_log(row: dict) -> dict:
+    """A line written before runs carried a tag, whose ``method`` held whatever the caller named the run (the
+    shipped grid's "study:lora-qv", a notebook's "lora r=4 (sweep)"): that word becomes the tag, and the method is
+    read from the recipe or the settings where they say it, else "custom". Newer lines pass unchanged."""
+    if "tag" in row or not isinstance(row.get("method"), str):
+        return row
+    from . import methods, recipes
+
+    word, config = row["method"], row.get("config") or {}
+    recipe = word.removeprefix("study:").removeprefix("showdown:time:")
+    if word in methods.names() or word == "full" or word.startswith("freeze:"):
+        method = word
+    elif recipe in recipes.METHODS:
+        method = recipes.METHODS[recipe]
+    elif "choice" in config:
+        method = "full" if config["choice"] == "full" else f"freeze:{config['choice']}"
+    else:
+        method = "custom"
+    return {**row, "method": method, "tag": word}
+
+
+def load_runs(tag: str | None = None, task: str | None = None, quick: bool | None = None,
+              model: str | None = None, path=None, method: str | None = None, **settings) -> list:
+    """Runs from the log, oldest first, filtered by tag, task, model, method and ``settings`` (config values,
     e.g. ``lr=2e-5``); by default only those of the current mode (quick or full). ``path``: another log to
     read (a shipped one, such as results/showdown_grid.jsonl) instead of ``run_log_path()``.
 
     A line that cannot be read (a crash mid-write, a hand edit) is skipped with a warning; the rest is kept.
+    Lines from before runs carried a tag are read as ``_from_older_log`` says.
     """
     path = Path(path) if path is not None else run_log_path()
     if not path.exists():
@@ -155,7 +187,7 @@ def load_runs(method: str | None = None, task: str | None = None, quick: bool | 
             row = json.loads(line)
             if not isinstance(row, dict):
                 raise TypeError(f"a JSON {type(row).__name__}, not a run")
-            record = RunRecord(**{k: v for k, v in row.items() if k in _KNOWN_FIELDS})
+            record = RunRecord(**{k: v for k, v in _from_older_log(row).items() if k in _KNOWN_FIELDS})
         except (ValueError, TypeError) as err:
             broken.append(f"line {number} ({type(err).__name__})")
             continue
@@ -164,12 +196,13 @@ def load_runs(method: str | None = None, task: str | None = None, quick: bool | 
         warnings.warn(f"run log {path}: skipped unreadable {', '.join(broken)}; the other runs are kept", stacklevel=2)
     quick = data_mod.quick_mode() if quick is None else quick
     return [r for r in latest.values()
-            if (method is None or r.method == method) and (task is None or r.task == task) and r.quick == quick
-            and (model is None or r.model == model) and all(r.config.get(k) == v for k, v in settings.items())]
+            if (tag is None or r.tag == tag) and (task is None or r.task == task) and r.quick == quick
+            and (model is None or r.model == model) and (method is None or r.method == method)
+            and all(r.config.get(k) == v for k, v in settings.items())]
 
 
-def latest_run(method: str, task: str | None = None, path=None, **settings):
-    """The newest logged run of ``method`` with these ``settings`` (in the current mode), or None; ``path`` as
+def latest_run(tag: str, task: str | None = None, path=None, **settings):
+    """The newest logged run tagged ``tag`` with these ``settings`` (in the current mode), or None; ``path`` as
     in ``load_runs``."""
-    runs = load_runs(method, task, path=path, **settings)
+    runs = load_runs(tag, task, path=path, **settings)
     return runs[-1] if runs else None

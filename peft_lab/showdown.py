@@ -170,7 +170,7 @@ def train_lora_adapters(shared, tokenizer, tasks: dict, folder, steps: int, lr: 
     for name, task in tasks.items():
         torch.manual_seed(seed)
         tuned = lora.apply(shared, rank=8, alpha=16, targets="all-linear")
-        run = train.fit(tuned, tokenizer, task, steps=steps, lr=lr, seed=seed, method="showdown:adapter",
+        run = train.fit(tuned, tokenizer, task, steps=steps, lr=lr, seed=seed, tag="showdown:adapter",
                         label=f"LoRA r=8 all-linear for {name}, lr {runlog.short_number(lr)}", log=False)
         where = Path(folder) / name
         lora.save(tuned, where)
@@ -277,7 +277,7 @@ def time_to_accuracy(recipe: str, lr: float, base, tokenizer, task, target: floa
             curve.append((sum(record.step_seconds), acc))
             tuned.train()  # measure.accuracy left it in eval mode
 
-    run = train.fit(tuned, tokenizer, task, steps=steps, lr=lr, seed=seed, method=f"showdown:time:{recipe}",
+    run = train.fit(tuned, tokenizer, task, steps=steps, lr=lr, seed=seed, tag=f"showdown:time:{recipe}",
                     on_step=measure_now, log=False, progress=False,
                     label=f"{NAMES.get(recipe, recipe)}, lr {runlog.short_number(lr)}")
     reached = next((s for s, acc in curve if acc >= target), None)
@@ -336,7 +336,7 @@ def train_prompts(base, tokenizer, tasks: dict, num_virtual_tokens: int, steps: 
     for name, task in tasks.items():
         torch.manual_seed(seed)
         tuned = prompt_mod.apply(base, num_virtual_tokens, init="vocab")
-        train.fit(tuned, tokenizer, task, steps=steps, lr=lr, seed=seed, method="showdown:prompt", log=False,
+        train.fit(tuned, tokenizer, task, steps=steps, lr=lr, seed=seed, tag="showdown:prompt", log=False,
                   label=f"prompt P={num_virtual_tokens} for {name}, lr {runlog.short_number(lr)}")
         prompts[name] = tuned
     return prompts

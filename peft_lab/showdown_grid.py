@@ -114,14 +114,14 @@ def seeds_logged(runs) -> dict:
     """recipe -> sorted seeds present, to say how complete a shipped part is."""
     out = {}
     for r in runs:
-        out.setdefault(r.method.removeprefix("study:"), set()).add(r.config["seed"])
+        out.setdefault(study.recipe_of(r), set()).add(r.config["seed"])
     return {k: sorted(v) for k, v in out.items()}
 
 
 def runs_of(runs, recipe: str, lr: float, task_name: str | None = None) -> dict:
     """seed -> run of one recipe at one learning rate (on one task, e.g. one training-set size)."""
     return {r.config["seed"]: r for r in runs
-            if r.method == f"study:{recipe}" and r.config["lr"] == lr and (task_name is None or r.task == task_name)}
+            if r.tag == f"study:{recipe}" and r.config["lr"] == lr and (task_name is None or r.task == task_name)}
 
 
 def paired(a: dict, b: dict, metric: str = "accuracy") -> dict | None:
@@ -146,7 +146,7 @@ def expected_minutes(runs, part: str, grid: dict = GRID) -> float | None:
     wall = {}
     for r in runs:
         if "wall_seconds" in (r.provenance or {}):
-            wall.setdefault(r.method.removeprefix("study:"), []).append(r.provenance["wall_seconds"])
+            wall.setdefault(study.recipe_of(r), []).append(r.provenance["wall_seconds"])
     todo = points(part, grid)
     if any(p.recipe not in wall for p in todo):
         return None

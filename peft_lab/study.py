@@ -8,7 +8,7 @@ missing (an interrupted study picks up where it stopped, a finished one returns 
     python -m peft_lab.study ... --dry-run      # list what would be trained, and what is already in the log
     python -m peft_lab.study --task facts --facts 64 --recipes full lora-all --lrs 1e-4 1e-3 --steps 64   # new knowledge
 
-Runs are logged with the method word ``study:<recipe>``, so they never stand in for a notebook's baselines.
+Runs are logged with the tag ``study:<recipe>``, so they never stand in for a notebook's baselines.
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ class Point:
     steps: int
 
     @property
-    def method(self) -> str:
+    def tag(self) -> str:
         return f"study:{self.recipe}"
 
 
@@ -62,7 +62,7 @@ def _task_for(task, point):
 
 def logged(point: Point, task, model_name: str | None, path=None):
     """The finished, measured run of ``point`` in the run log (or in the log at ``path``), or None."""
-    run = runlog.latest_run(point.method, _task_for(task, point).name, lr=point.lr, seed=point.seed,
+    run = runlog.latest_run(point.tag, _task_for(task, point).name, lr=point.lr, seed=point.seed,
                             steps=point.steps, model=model_name, path=path, quick=False if path else None)
     return run if run is not None and "accuracy" in run.metrics else None
 
@@ -96,7 +96,7 @@ def run(points, base, tokenizer, task, base_scores=None, progress: bool = True, 
         torch.manual_seed(point.seed)  # the method's own random start (LoRA's A, random prompts) follows the seed
         tuned = RECIPES[point.recipe](base, tokenizer, task.name)
         record = train.fit(tuned, tokenizer, point_task, steps=point.steps, lr=point.lr, seed=point.seed,
-                           method=point.method, progress=progress, log=False,
+                           tag=point.tag, progress=progress, log=False,
                            label=f"{point.recipe}, lr {runlog.short_number(point.lr)}, seed {point.seed}"
                                  + (f", {point.train_size} train" if point.train_size else ""))
         if "interrupted_after_steps" in record.config:
@@ -117,6 +117,11 @@ def run(points, base, tokenizer, task, base_scores=None, progress: bool = True, 
     return [done[p] for p in points if done[p] is not None]
 
 
+def recipe_of(run) -> str:
+    """The recipe a study run trained (its tag is ``study:<recipe>``)."""
+    return run.tag.removeprefix("study:")
+
+
 def provenance() -> dict:
     """What a shipped run ran on: machine, precision, torch, the package's and data's code version, threads."""
     return {"machine": models.machine(), "precision": models.precision_summary(models.pick_device()),
@@ -135,7 +140,7 @@ def summarize(runs, metrics=("accuracy", "kl", "kept_greedy", "kept_logprob", "v
     95 % interval (``measure.mean_interval``), and the number of seeds."""
     groups = {}
     for r in runs:
-        key = (r.method.removeprefix("study:"), r.config["lr"], r.task)
+        key = (recipe_of(r), r.config["lr"], r.task)
         groups.setdefault(key, []).append(r)
     rows = []
     for (recipe, lr, task_name), members in groups.items():

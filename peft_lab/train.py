@@ -78,7 +78,7 @@ def loss_on(tuned, batch: dict) -> torch.Tensor:
 # --- the loop -----------------------------------------------------------------------------------
 
 def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: int = 8, max_length: int = 64,
-        seed: int = 0, weight_decay: float = 0.0, method: str | None = None, on_step=None,
+        seed: int = 0, weight_decay: float = 0.0, tag: str | None = None, on_step=None,
         progress: bool = True, log: bool = True, warmup_steps: int = 0, label: str = "",
         lr_scale: dict | None = None) -> RunRecord:
     """Train ``tuned`` on ``task.train`` for ``steps`` steps; return a ``RunRecord``.
@@ -86,7 +86,8 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
     Explained in notebook 01, "The training loop". ``on_step(record)`` is called after every step
     (the widgets use it to redraw the loss curve live). With ``log`` the run is appended to the run
     log. Seeded: the same call gives the same losses on the same machine (the method's own random
-    start comes from the global generator: seed it before ``apply``).
+    start comes from the global generator: seed it before ``apply``). The record's method is read from the
+    model; ``tag`` names what the run is for lookups (default: the method word), ``label`` for tables.
 
     ``lr_scale`` gives some parameters a multiple of ``lr``, by a piece of their name: LoRA+ is
     ``lr_scale={"lora_B": 16}`` (B learns 16 times faster than A). Explained in notebook 06_beyond_lora, section 4.
@@ -95,7 +96,7 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
     device = next(tuned.parameters()).device
     dtype = models.compute_dtype(device)
     unique = list({id(p): p for p in tuned.parameters()}.values())
-    record = _new_record(tuned, task, params, unique, device, method, label, steps=steps, lr=lr, batch_size=batch_size,
+    record = _new_record(tuned, task, params, unique, device, tag, label, steps=steps, lr=lr, batch_size=batch_size,
                          max_length=max_length, seed=seed, lr_scale=lr_scale, weight_decay=weight_decay,
                          warmup_steps=warmup_steps)
     torch.manual_seed(seed)
@@ -119,14 +120,7 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
                     loss = _forward_and_backward(tuned, task, batch, label_words, scaler, record, step, lr, dtype)
                 if step == measure_at:  # gradients exist now, before the optimizer step frees them
                     record.memory = _memory_snapshot(tuned, unique, params, saved, batch)
-                scale = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                if scaler.get_scale() < scale:  # fp16: an inf/nan gradient, the step skipped and the scale halved
-                    record.config["skipped_steps"] = record.config.get("skipped_steps", 0) + 1
-                else:  # the warm-up counts the steps that really updated the weights
-                    schedule.step()
-                optimizer.zero_grad(set_to_none=True)
+                _update(optimizer, scaler, schedule, record)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 record.step_seconds.append(time.perf_counter() - started)
@@ -152,13 +146,30 @@ def fit(tuned, tokenizer, task, steps: int = 60, lr: float = 5e-4, batch_size: i
         tuned.eval()
     if not record.memory:
         return record  # interrupted before the memory was measured
+    _finish_memory(record, optimizer, peak, device)
+    if log:
+        save_run(record)
+    return record
+
+
+def _update(optimizer, scaler, schedule, record) -> None:
+    """The optimizer step (through the loss scaler, which only fp16 enables), the warm-up, gradients dropped."""
+    scale = scaler.get_scale()
+    scaler.step(optimizer)
+    scaler.update()
+    if scaler.get_scale() < scale:  # fp16: an inf/nan gradient, the step skipped and the scale halved
+        record.config["skipped_steps"] = record.config.get("skipped_steps", 0) + 1
+    else:  # the warm-up counts the steps that really updated the weights
+        schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _finish_memory(record, optimizer, peak, device) -> None:
+    """The parts a run knows only at its end: the optimizer's state (if no step read it) and the process peak."""
     if record.memory.get("optimizer") is None:
         record.memory["optimizer"] = optimizer_state_bytes(optimizer)  # 0 if every step was skipped
     record.memory["process_peak"] = peak.peak
     record.memory["peak_kind"] = "cuda max allocated" if device.type == "cuda" else "resident set size"
-    if log:
-        save_run(record)
-    return record
 
 
 def _checked_parameters(tuned, steps: int) -> list:
@@ -175,14 +186,14 @@ def _checked_parameters(tuned, steps: int) -> list:
     return params
 
 
-def _new_record(tuned, task, params, unique, device, method, label, **settings) -> RunRecord:
+def _new_record(tuned, task, params, unique, device, tag, label, **settings) -> RunRecord:
     """The run's record before its first step: settings, the method's own settings, sizes, model and mode."""
     info = getattr(tuned, "peft_lab_info", None) or getattr(getattr(tuned, "base_model", None), "peft_lab_info", {}) or {}
     lr_scale = settings.pop("lr_scale")
     config = {k: settings[k] for k in ("steps", "lr", "batch_size", "max_length", "seed")}
     config.update({**({"lr_scale": lr_scale} if lr_scale else {}), "weight_decay": settings["weight_decay"],
                    "warmup_steps": settings["warmup_steps"], **{k: v for k, v in info.items() if k != "method"}})
-    return RunRecord(method=method or info.get("method", "custom"), task=task.name, config=config,
+    return RunRecord(method=info.get("method", "custom"), tag=tag or "", task=task.name, config=config,
                      trainable_params=sum(p.numel() for p in params),
                      total_params=sum(p.numel() for p in unique) + sum(nf4.storage_numbers(tuned).values()),
                      model=_model_name(tuned), label=label, device=str(device), quick=data_mod.quick_mode())

@@ -89,7 +89,7 @@ class ExperimentPanel:
         # the panel's label already names the settings; only the learning rate is added (the default label
         # would repeat them: "prefix P=19 +MLP (text) P=19 init text, lr 1e-4")
         run = train.fit(tuned, self.tokenizer, self.task, steps=steps, lr=lr, on_step=redraw,
-                        method=name, progress=False, label=f"{name}, lr {runlog.short_number(lr)}")
+                        tag=name, progress=False, label=f"{name}, lr {runlog.short_number(lr)}")
         plt.close(fig)
         self.status.value = "measuring accuracy and forgetting ..."
         if self._base_scores is None:
@@ -124,18 +124,12 @@ def free_memory(device) -> int:
 
 
 def check_memory(tuned, copied: bool) -> None:
-    """Refuse settings whose predicted training memory exceeds what is free, with the prediction.
-
-    Predicted: a gradient and AdamW's two moments (12 bytes) per trainable number, plus the weights of
-    the copy the panel just made (already allocated, so only counted as a share of what is used),
-    plus activations of about a quarter of the weights (measured in notebook 00 for batch 8).
-    """
-    params = train.trainable_parameters(tuned)
-    trainable = sum(p.numel() for p in params)
-    weights = memory.tensor_bytes(tuned.parameters())
-    predicted = memory.BYTES_PER_TRAINED * trainable + weights // 4
+    """Refuse settings whose training needs more memory than is free (``memory.rough_training_bytes``), with the
+    prediction."""
+    predicted = memory.rough_training_bytes(tuned)
     free = free_memory(next(tuned.parameters()).device)
     if predicted > free:
+        trainable = sum(p.numel() for p in train.trainable_parameters(tuned))
         raise MemoryError(f"These settings need about {predicted / 2**20:,.0f} MiB more for training "
                           f"({trainable:,} trainable numbers x 12 bytes + activations), but only "
                           f"{free / 2**20:,.0f} MiB are free{' (the copy of the model is already made)' if copied else ''}. "

@@ -1,6 +1,9 @@
 """Instruction tuning (``chat.py``): the answer-only labels, the loss against Hugging Face's own, the grading."""
 import json
 import math
+import re
+
+import warnings
 
 import pytest
 import torch
@@ -163,7 +166,39 @@ def test_peft_and_the_trainer_compute_our_loss(chat_tokenizer, chat_llama):
     from peft_lab import libraries
 
     _, convs = chat_task()
-    result = libraries.chat_with_peft_and_trainer(chat_llama, chat_tokenizer, convs, steps=2, lr=1e-3, batch_size=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = libraries.chat_with_peft_and_trainer(chat_llama, chat_tokenizer, convs, steps=2, lr=1e-3,
+                                                      batch_size=2)
+    # peft's calls to transformers' renamed checkpointing flag warn of the rename: hushed, not shown to a learner
+    assert not [w for w in caught if "gradient_checkpointing" in str(w.message)]
     losses = list(result["losses"].values())
     assert max(losses) - min(losses) < 1e-2 and len(result["trainer_losses"]) == 2
     assert result["trainable"] > 0
+
+
+def test_one_row_is_what_encode_batches_and_what_the_trainer_is_given(chat_tokenizer):
+    conv = conversation()
+    ids, labels = chat.row(chat_tokenizer, conv["messages"])
+    batch = chat.encode(chat_tokenizer, [conv])
+    assert batch["input_ids"][0].tolist() == ids and batch["labels"][0].tolist() == labels
+    assert chat.prompt_ids(chat_tokenizer, conv["messages"]) == ids[:chat.prompt_and_answer_ids(chat_tokenizer, conv["messages"])[1]]
+
+
+def test_a_summary_row_gives_its_verdict_apart_from_its_numbers():
+    from peft_lab import runlog
+
+    memory = {"weights": 2 ** 20, "gradients": 0, "optimizer": 0, "activations": 2 ** 20, "process_peak": 0}
+    run = runlog.RunRecord(method="lora", task="chat_records", config={}, trainable_params=5, total_params=10,
+                           step_seconds=[1.0, 0.5], memory=memory)
+    def graded(correct):
+        return {"accuracy": correct.count("1") / len(correct), "n": len(correct), "correct": correct,
+                "items": "same", "format": 1.0, "format_correct": "1" * len(correct)}
+    forgot = {"kl": 0.1, "kept_greedy": 0.5}
+    zero_shot = graded("0" * 40)
+    learned = chat.summary_row([{"run": run, "graded": graded("1" * 30 + "0" * 10), "forgot": forgot}] * 3, zero_shot)
+    assert learned["vs zero-shot"] == "higher" and learned["exact %"] == 75.0
+    # the points alone (the interval also holds the 40 items' own uncertainty); the verdict has its own column
+    assert re.fullmatch(r"\+75\.0 \[\+\d+\.\d, \+\d+\.\d\]", learned["exact vs zero-shot, points"])
+    nothing = chat.summary_row([{"run": run, "graded": graded("0" * 40), "forgot": forgot}] * 3, zero_shot)
+    assert nothing["vs zero-shot"] == "no measurable difference"

@@ -16,9 +16,9 @@ def log(tmp_path, monkeypatch):
     return tmp_path / "runs.jsonl"
 
 
-def _record(method="full", lr=2e-5, label="", **kw):
+def _record(method="full", lr=2e-5, label="", tag="", **kw):
     return runlog.RunRecord(method=method, task="tiny", config={"lr": lr, "steps": 3, **kw},
-                            trainable_params=1, total_params=2, quick=True, label=label)
+                            trainable_params=1, total_params=2, quick=True, label=label, tag=tag)
 
 
 def test_labels_carry_the_settings():
@@ -31,11 +31,63 @@ def test_lookup_by_settings_keeps_runs_apart(log):
     careful, hot = _record(lr=2e-5), _record(lr=1e-4)
     runlog.save_run(careful)
     runlog.save_run(hot)
-    runlog.save_run(_record("freeze full", lr=3e-4))
+    panel = _record(lr=3e-4, tag="freeze full")  # the same method, trained as something else (a panel's run)
+    runlog.save_run(panel)
+    assert panel.method == "full" and panel.label == "freeze full, lr 3e-4"
     assert runlog.latest_run("full", "tiny").run_id == hot.run_id
     assert runlog.latest_run("full", "tiny", lr=2e-5).run_id == careful.run_id
     assert runlog.latest_run("full", "tiny", lr=3e-4) is None
     assert runlog.load_runs("full", model="another model") == []
+    assert [r.run_id for r in runlog.load_runs(method="full")] == [careful.run_id, hot.run_id, panel.run_id]
+
+
+def test_method_tag_and_label_each_have_one_meaning(tiny_llama, tokenizer, log):
+    task = make_tiny_task()
+    # the method is read from the model whatever the run is called; the tag is what the caller named it
+    frozen = freeze.apply(models.fresh_copy(tiny_llama), "attention", verbose=False)
+    run = train.fit(frozen, tokenizer, task, steps=1, lr=1e-3, progress=False, tag="attention only")
+    assert (run.method, run.tag) == ("freeze:attention", "attention only")
+    assert run.label.startswith("attention only") and run.label.endswith("lr 1e-3")
+    plain = train.fit(lora.apply(models.frozen_copy(tiny_llama), rank=2), tokenizer, task, steps=1, lr=1e-3,
+                      progress=False)
+    assert (plain.method, plain.tag) == ("lora", "lora")  # no tag given: the method word
+    assert [r.tag for r in runlog.load_runs(method="lora")] == ["lora"]
+
+
+def test_lines_from_before_runs_had_a_tag_are_read_with_the_method_they_trained(log):
+    def old_line(word, **config):
+        row = _record(lr=1e-3, **config).to_dict()
+        del row["tag"]
+        return json.dumps({**row, "method": word, "label": ""}) + "\n"
+    log.write_text(old_line("study:lora-qv", rank=8) + old_line("freeze attention", choice="attention")
+                   + old_line("lora r=4 (sweep)", rank=4) + old_line("prefix") + old_line("showdown:time:prompt"))
+    runs = runlog.load_runs()
+    assert [(r.method, r.tag) for r in runs] == [
+        ("lora", "study:lora-qv"), ("freeze:attention", "freeze attention"), ("custom", "lora r=4 (sweep)"),
+        ("prefix", "prefix"), ("prompt", "showdown:time:prompt")]
+    assert runs[2].label == "lora r=4 (sweep) r=4, lr 1e-3"  # labelled by the same rule as before
+    assert runlog.latest_run("study:lora-qv", "tiny").method == "lora"
+
+
+def test_the_shipped_grid_reads_with_each_recipes_method():
+    from pathlib import Path
+
+    from peft_lab import recipes
+
+    runs = runlog.load_runs(path=Path(__file__).parents[1] / "results" / "showdown_grid.jsonl", quick=False)
+    assert len(runs) >= 90
+    for r in runs:
+        recipe = r.tag.removeprefix("study:")
+        assert r.tag.startswith("study:") and r.method == recipes.METHODS[recipe], (r.tag, r.method)
+
+
+@pytest.mark.parametrize("recipe", ["full", "last-2-blocks", "lora-qv", "lora-all", "prefix", "prompt"])
+def test_each_recipes_method_word_is_the_one_its_model_carries(tiny_llama, tokenizer, recipe):
+    from peft_lab import recipes
+
+    tuned = recipes.BUILD[recipe](tiny_llama, tokenizer, "tiny")
+    info = getattr(tuned, "peft_lab_info", None) or tuned.base_model.peft_lab_info
+    assert set(recipes.METHODS) == set(recipes.BUILD) and info["method"] == recipes.METHODS[recipe]
 
 
 def test_a_broken_line_is_skipped_with_a_warning(log):

@@ -12,7 +12,7 @@ import pytest
 
 matplotlib.use("Agg")
 
-from peft_lab import plots, promises, runlog, showdown_grid, stats, study  # noqa: E402
+from peft_lab import plots, promises, recipes, runlog, showdown_grid, stats, study  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_the_shell_script_runs_the_grid_the_notebook_reads():
 
 def _record(recipe, lr, seed, task_name, correct, steps=60, kl=0.1):
     return runlog.RunRecord(
-        method=f"study:{recipe}", task=task_name, config={"lr": lr, "seed": seed, "steps": steps},
+        method=recipes.METHODS[recipe], tag=f"study:{recipe}", task=task_name, config={"lr": lr, "seed": seed, "steps": steps},
         trainable_params=10, total_params=100, step_seconds=[1.0, 0.5, 0.5],
         memory={"weights": 400, "gradients": 40, "optimizer": 80, "activations": 100},
         metrics={"accuracy": correct.count("1") / len(correct), "test_n": len(correct), "test_correct": correct,
@@ -67,7 +67,7 @@ def test_runs_are_read_from_a_shipped_log_and_the_missing_ones_named(tmp_path, m
     runlog.save_run(_record("prompt", 3e-2, 2, "review_domain", "1000"))
     monkeypatch.setenv("PEFT_LAB_RUNLOG", str(tmp_path / "mine.jsonl"))  # the user's own log stays apart
     runs, missing = showdown_grid.from_shipped("review", "tiny-test", path=shipped)
-    assert {(r.method, r.config["seed"]) for r in runs} == {("study:full", 0), ("study:prompt", 2)}
+    assert {(r.tag, r.method, r.config["seed"]) for r in runs} == {("study:full", "full", 0), ("study:prompt", "prompt", 2)}
     assert len(missing) == len(showdown_grid.points("review")) - 2
     assert all(isinstance(p, study.Point) for p in missing)
     assert showdown_grid.from_shipped("review", "another-model", path=shipped)[0] == []  # runs of another model never stand in

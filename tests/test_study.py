@@ -15,7 +15,7 @@ def count_fits(monkeypatch):
     real = train.fit
 
     def counting(*args, **kwargs):
-        calls[kwargs["method"]] += 1
+        calls[kwargs["tag"]] += 1
         return real(*args, **kwargs)
     monkeypatch.setattr(study.train, "fit", counting)
     return calls
@@ -106,7 +106,7 @@ def test_command_line_dry_run_lists_the_grid_and_trains_nothing(tiny_llama, toke
 
 def test_seed_means_keep_the_test_sets_own_uncertainty_and_stay_in_range():
     def record(acc, kl):
-        r = runlog.RunRecord(method="study:lora-qv", task="t", config={"lr": 1e-3, "seed": 0}, trainable_params=1,
+        r = runlog.RunRecord(method="lora", tag="study:lora-qv", task="t", config={"lr": 1e-3, "seed": 0}, trainable_params=1,
                              total_params=2)
         r.metrics = {"accuracy": acc, "test_n": 50, "kl": kl, "kl_low": kl - 0.01, "kl_high": kl + 0.01}
         return r
@@ -122,7 +122,7 @@ def test_seed_means_keep_the_test_sets_own_uncertainty_and_stay_in_range():
 
 def test_a_seed_whose_base_knew_no_measured_probe_is_left_out_of_probes_kept_not_counted_as_zero():
     def record(kept, known):
-        r = runlog.RunRecord(method="study:full", task="t", config={"lr": 1e-4, "seed": known}, trainable_params=1,
+        r = runlog.RunRecord(method="full", tag="study:full", task="t", config={"lr": 1e-4, "seed": known}, trainable_params=1,
                              total_params=2)
         r.metrics = {"accuracy": 0.5, "test_n": 10, "kept_greedy": kept, "probes_known_by_base": known}
         return r

@@ -264,7 +264,7 @@ def test_versus_reads_as_a_sentence():
 def test_fit_prints_one_summary_line_when_progress_is_on(tiny_llama, tokenizer, task, isolated_run_log, capsys):
     from peft_lab import lora, train
 
-    run = train.fit(lora.apply(tiny_llama, rank=2), tokenizer, task, steps=3, lr=1e-3, method="lora", label="lora r=2, lr 1e-3")
+    run = train.fit(lora.apply(tiny_llama, rank=2), tokenizer, task, steps=3, lr=1e-3, tag="lora", label="lora r=2, lr 1e-3")
     # the line names the run by its label, so runs of one method with different settings read apart
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("training ")]
     assert lines == [f"training lora r=2, lr 1e-3: 3 steps, {run.seconds_per_step:.2f} s/step, "

@@ -19,13 +19,14 @@ def test_clicking_run_trains_measures_and_records(tiny_llama, tokenizer):
     panel.run_button.click()
     assert len(panel.runs) == 1
     run = panel.runs[0]
-    assert run.method == "freeze attention" and len(run.losses) == 3 and run.config["lr"] == pytest.approx(1e-3)
+    assert run.tag == "freeze attention" and run.method == "freeze:attention" and len(run.losses) == 3 and run.config["lr"] == pytest.approx(1e-3)
     assert "accuracy" in run.metrics and "kl" in run.metrics
     assert panel.status.value.startswith("done")
     panel.controls["choice"].value = "last_n"
     panel.controls["n"].value = 1
     panel.run_button.click()
-    assert [r.method for r in panel.runs] == ["freeze attention", "freeze last 1"]
+    assert [r.tag for r in panel.runs] == ["freeze attention", "freeze last 1"]
+    assert [r.method for r in panel.runs] == ["freeze:attention", "freeze:last_n"]  # freeze.apply's own words
     assert not panel.run_button.disabled
     assert all(torch.equal(before[k], v) for k, v in tiny_llama.state_dict().items()), "the base model changed"
 
@@ -36,7 +37,7 @@ def test_a_full_run_from_the_panel_is_not_the_full_baseline(tiny_llama, tokenize
     panel = widgets.freezing_panel(tiny_llama, tokenizer, make_tiny_task(), steps=2)
     panel.controls["choice"].value = "full"
     panel.run_button.click()
-    assert panel.runs[0].method == "freeze full" and panel.runs[0].label == "freeze full, lr 2e-5"
+    assert panel.runs[0].tag == "freeze full" and panel.runs[0].method == "full" and panel.runs[0].label == "freeze full, lr 2e-5"
     assert runlog.latest_run("full", "tiny") is None  # notebooks 02-04 look the baseline up as "full"
 
 

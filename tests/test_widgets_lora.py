@@ -24,7 +24,7 @@ def test_lora_panel_trains_with_the_chosen_settings(tiny_llama, tokenizer):
     panel.run_button.click()
     assert len(panel.runs) == 1
     run = panel.runs[0]
-    assert run.method == "LoRA r=4 (q,v)" and len(run.losses) == 3
+    assert run.tag == "LoRA r=4 (q,v)" and run.method == "lora" and len(run.losses) == 3
     assert run.config["rank"] == 4 and run.config["alpha"] == 8 and run.config["lr"] == pytest.approx(1e-2)
     # 2 blocks x (q: 4 x (32 + 32) + v: 4 x (32 + 16)), the tiny Llama's k/v width is 16 (GQA)
     assert run.trainable_params == 2 * (4 * (32 + 32) + 4 * (32 + 16))
@@ -35,7 +35,7 @@ def test_lora_panel_trains_with_the_chosen_settings(tiny_llama, tokenizer):
     panel.controls["dropout"].value = 0.1
     panel.controls["steps"].value = 2
     panel.run_button.click()
-    assert [r.method for r in panel.runs] == ["LoRA r=4 (q,v)", "LoRA r=4 (gate,up,down)"]
+    assert [r.tag for r in panel.runs] == ["LoRA r=4 (q,v)", "LoRA r=4 (gate,up,down)"]
     assert panel.runs[1].config["dropout"] == pytest.approx(0.1)
     assert not panel.run_button.disabled
     assert all(torch.equal(before[k], v) for k, v in tiny_llama.state_dict().items()), "the base model changed"

@@ -23,7 +23,7 @@ def test_prefix_panel_runs_every_setting(tiny_model, tokenizer):
     panel.run_button.click()
     assert len(panel.runs) == 1
     run = panel.runs[0]
-    assert run.method == "prefix P=3 (random)" and len(run.losses) == 3
+    assert run.tag == "prefix P=3 (random)" and run.method == "prefix" and len(run.losses) == 3
     assert run.config["lr"] == pytest.approx(1e-2)
     assert run.config["num_virtual_tokens"] == 3 and run.config["reparametrize"] is False
     geo = prefix._geometry(tiny_model)
@@ -37,7 +37,7 @@ def test_prefix_panel_runs_every_setting(tiny_model, tokenizer):
     panel.controls["init_text"].value = "review sentiment : positive or negative"
     panel.controls["steps"].value = 2
     panel.run_button.click()
-    assert [r.method for r in panel.runs] == ["prefix P=3 (random)", "prefix P=5 +MLP (text)"]
+    assert [r.tag for r in panel.runs] == ["prefix P=3 (random)", "prefix P=5 +MLP (text)"]
     assert panel.runs[1].config["init"] == "text" and panel.runs[1].config["reparametrize"] is True
     assert not panel.run_button.disabled
     assert all(torch.equal(before[k], v) for k, v in tiny_model.state_dict().items()), "the base model changed"

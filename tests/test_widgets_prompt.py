@@ -21,7 +21,7 @@ def test_prompt_panel_trains_prompts_in_front_of_the_untouched_base(tiny_llama, 
     panel.run_button.click()
     assert len(panel.runs) == 1
     run = panel.runs[0]
-    assert run.method == "prompt P=4 (text)" and len(run.losses) == 3
+    assert run.tag == "prompt P=4 (text)" and run.method == "prompt" and len(run.losses) == 3
     assert run.trainable_params == 4 * tiny_llama.config.hidden_size
     assert run.config["num_virtual_tokens"] == 4 and run.config["init"] == "text"
     assert run.config["lr"] == pytest.approx(1e-1)
@@ -32,7 +32,7 @@ def test_prompt_panel_trains_prompts_in_front_of_the_untouched_base(tiny_llama, 
     panel.controls["init"].value = "random"
     panel.controls["lr"].value = 1e-2
     panel.run_button.click()
-    assert [r.method for r in panel.runs] == ["prompt P=4 (text)", "prompt P=2 (random)"]
+    assert [r.tag for r in panel.runs] == ["prompt P=4 (text)", "prompt P=2 (random)"]
     assert panel.runs[1].trainable_params == 2 * tiny_llama.config.hidden_size
     assert not panel.run_button.disabled
     assert all(torch.equal(before[k], v) for k, v in tiny_llama.state_dict().items()), "the base model changed"
