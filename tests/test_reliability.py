@@ -69,18 +69,6 @@ def test_lines_from_before_runs_had_a_tag_are_read_with_the_method_they_trained(
     assert runlog.latest_run("study:lora-qv", "tiny").method == "lora"
 
 
-def test_the_shipped_grid_reads_with_each_recipes_method():
-    from pathlib import Path
-
-    from peft_lab import recipes
-
-    runs = runlog.load_runs(path=Path(__file__).parents[1] / "results" / "showdown_grid.jsonl", quick=False)
-    assert len(runs) >= 90
-    for r in runs:
-        recipe = r.tag.removeprefix("study:")
-        assert r.tag.startswith("study:") and r.method == recipes.METHODS[recipe], (r.tag, r.method)
-
-
 @pytest.mark.parametrize("recipe", ["full", "last-2-blocks", "lora-qv", "lora-all", "prefix", "prompt"])
 def test_each_recipes_method_word_is_the_one_its_model_carries(tiny_llama, tokenizer, recipe):
     from peft_lab import recipes

@@ -243,10 +243,12 @@ def test_a_paired_interval_never_leaves_the_possible_range():
 
 
 def test_every_shipped_part_holds_each_recipe_and_the_saved_showdown_reads_them_all():
-    # the shipped grid is complete, read by recipe (the tag), not by the method word two recipes can share
+    # the shipped grid is complete, read by recipe (the tag), not by the method word two recipes can share; its
+    # lines predate the tag, so each is read with the method its recipe's model carries
     for part, spec in showdown_grid.GRID.items():
         runs, missing = showdown_grid.from_shipped(part, None)
         assert missing == [] and {study.recipe_of(r) for r in runs} == set(spec["lrs"]), part
+        assert all(r.tag.startswith("study:") and r.method == recipes.METHODS[study.recipe_of(r)] for r in runs), part
     # so the saved notebook 05 must show every part, not the note for a part still to compute
     import json
 
